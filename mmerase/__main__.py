@@ -1,0 +1,5 @@
+import sys
+
+from mmerase.cli import main
+
+sys.exit(main())
