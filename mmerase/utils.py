@@ -18,8 +18,7 @@ def move_to(batch: Any, device: torch.device | str, dtype: torch.dtype | None = 
             return batch.to(device=device, dtype=dtype)
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return type(batch)({k: move_to(v, device, dtype) for k, v in batch.items()}) if type(batch) is dict else \
-            {k: move_to(v, device, dtype) for k, v in batch.items()}
+        return {k: move_to(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(move_to(v, device, dtype) for v in batch))
     if isinstance(batch, (list, tuple)):

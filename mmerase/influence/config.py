@@ -1,0 +1,97 @@
+"""Solver configuration: one small dataclass shared by every solver and curvature."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+SOLVERS = ("cg", "stochastic", "lissa", "dense")
+CURVATURES = ("hessian", "fd-hessian", "ggn", "fisher")
+
+
+def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown {kind} '{value}'{hint}; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class SolverConfig:
+    """How to solve (H + λI) δ = b.
+
+    method:      'cg' (conjugate gradient on products over the whole curvature set; the default),
+                 'stochastic' (Adam on ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; the LLMEraser method),
+                 'lissa' (Neumann-series recursion with mini-batch products), 'dense' (forms H; small models only).
+    curvature:   'hessian' (exact double backward), 'fd-hessian' (central differences of gradients),
+                 'ggn' (Gauss-Newton, PSD; needs a Task loss), 'fisher' (empirical Fisher, PSD).
+    damping:     λ ≥ 0 added to the curvature.
+    tol:         stop when the relative residual ‖(H+λI)δ − b‖/‖b‖ falls below this.
+    max_steps:   solver iterations (CG steps, Adam steps, LiSSA recursion steps).
+    batch_size:  samples per product / gradient chunk (mini-batch size for 'stochastic' and 'lissa').
+    seed:        makes mini-batch sampling deterministic.
+    lr:          Adam step for 'stochastic' (None: 0.1 × the RMS of the steepest-descent step, one extra product).
+    lissa_scale: LiSSA divides by this (None: 1.1 × a power-iteration estimate of the top eigenvalue).
+    residual_samples:  size of the fixed random training subset on which stochastic solvers measure the
+                 residual (None: the whole curvature set).
+    curvature_samples: products over a fixed random subset of this many training samples (None: all).
+    eval_every:  stochastic solvers measure the residual every this many steps.
+    fd_eps:      relative finite-difference step for 'fd-hessian' and ggn_jvp='fd' (None: cbrt(machine eps)).
+    ggn_jvp:     how 'ggn' computes J·v: 'autograd' (exact, double backward) or 'fd' (first-order passes only).
+    dense_max_params: 'dense' refuses models with more trainable parameters than this.
+    divergence_factor: a stochastic solver whose residual exceeds this is stopped with an error.
+    progress:    show a progress bar (None: only on a terminal).
+    """
+
+    method: str = "cg"
+    curvature: str = "hessian"
+    damping: float = 1e-3
+    tol: float = 1e-4
+    max_steps: int = 200
+    batch_size: int = 16
+    seed: int = 0
+    lr: float | None = None
+    lissa_scale: float | None = None
+    residual_samples: int | None = None
+    curvature_samples: int | None = None
+    eval_every: int = 10
+    fd_eps: float | None = None
+    ggn_jvp: str = "autograd"
+    dense_max_params: int = 4096
+    divergence_factor: float = 1e3
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("solver", self.method, SOLVERS)
+        _check_choice("curvature", self.curvature, CURVATURES)
+        _check_choice("ggn_jvp", self.ggn_jvp, ("autograd", "fd"))
+        if not (self.damping >= 0):
+            raise ValueError(f"damping must be ≥ 0, got {self.damping}")
+        if not (self.tol > 0):
+            raise ValueError(f"tol must be > 0, got {self.tol}")
+        for name in ("max_steps", "batch_size", "eval_every", "dense_max_params"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        for name in ("residual_samples", "curvature_samples"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name} must be ≥ 1 or None, got {v}")
+        if self.lr is not None and not (self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lissa_scale is not None and not (self.lissa_scale > 0):
+            raise ValueError(f"lissa_scale must be > 0, got {self.lissa_scale}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SolverConfig":
+        """Build from a mapping; an unknown key is an error that names it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown solver option '{unknown[0]}'{hint}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

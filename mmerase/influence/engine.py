@@ -1,0 +1,282 @@
+"""InfluenceEngine: the edit gradient b, curvature products over the training set, and the solve (DESIGN.md §1–2)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import default_collate
+
+from ..utils import batch_size_of, model_device, move_to
+from . import vectors as V
+from .config import SolverConfig
+from .curvature import Curvature, make_curvature
+from .edits import Edit
+from .errors import InfluenceError
+from .solvers import SOLVERS
+
+
+@dataclass
+class SolveResult:
+    """What a solve returns. ``delta`` is keyed like ``model.named_parameters()``."""
+
+    delta: dict[str, torch.Tensor]
+    residual: float
+    converged: bool
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    b_norm: float = 0.0
+    delta_norm: float = 0.0
+    product_samples: int = 0
+    wall_time: float = 0.0
+    config: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the tensors, for run records."""
+        return {k: v for k, v in self.__dict__.items() if k != "delta"}
+
+
+def _dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _Problem:
+    """(H + λI) restricted to a sample set, with product counting; implements solvers.LinearProblem."""
+
+    def __init__(self, engine: "InfluenceEngine", curvature: Curvature, config: SolverConfig, b: V.Vec,
+                 curv_idx: list[int], resid_idx: list[int]) -> None:
+        self.engine, self.curvature, self.config = engine, curvature, config
+        self.b, self.damping = b, config.damping
+        self.n_params = sum(t.numel() for t in b)
+        self.curv_idx, self.resid_idx = curv_idx, resid_idx
+        self.product_samples = 0
+        self._gen = torch.Generator().manual_seed(config.seed)
+        self._queue: list[int] = []
+
+    def _damped(self, v: V.Vec, idx: list[int]) -> V.Vec:
+        hv = self.engine.product(v, self.curvature, idx, self.config.batch_size)
+        self.product_samples += len(idx)
+        return V.axpy(self.damping, v, hv) if self.damping else hv
+
+    def matvec(self, v: V.Vec) -> V.Vec:
+        return self._damped(v, self.curv_idx)
+
+    def minibatch_matvec(self, v: V.Vec) -> V.Vec:
+        """An unbiased estimate: the next batch of a reshuffled pass over the curvature set."""
+        if len(self._queue) < self.config.batch_size:
+            perm = torch.randperm(len(self.curv_idx), generator=self._gen).tolist()
+            self._queue += [self.curv_idx[i] for i in perm]
+        idx, self._queue = self._queue[: self.config.batch_size], self._queue[self.config.batch_size :]
+        return self._damped(v, idx)
+
+    def residual(self, x: V.Vec) -> float:
+        r = V.sub(self._damped(x, self.resid_idx), self.b)
+        return V.norm(r) / V.norm(self.b)
+
+
+class InfluenceEngine:
+    """Influence-function unlearning for the trainable parameters of any torch module.
+
+    Args:
+        model: any ``nn.Module``; the parameters with ``requires_grad=True`` are the ones unlearned
+            (for a peft model: the adapter and any ``modules_to_save``).
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the **mean over the batch's samples** of each
+            sample's loss L(z). A :class:`~mmerase.influence.task.Task` also enables the 'ggn' curvature.
+        train_set: the samples the model was trained on (a sequence); n = len(train_set).
+        collate_fn: list of samples -> batch (default ``torch.utils.data.default_collate``). Batches are moved
+            to the model's device.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+                 train_set: Sequence, collate_fn: Callable[[list], Any] | None = None) -> None:
+        self.model, self.loss_fn, self.train_set = model, loss_fn, train_set
+        self.collate_fn = collate_fn or default_collate
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise InfluenceError(
+                "the model has no trainable parameters (none with requires_grad=True), so there is nothing to "
+                "unlearn; for a peft model make sure the adapter is loaded with is_trainable=True"
+            )
+        if len(train_set) == 0:
+            raise InfluenceError("train_set is empty: the influence update needs the training set (n ≥ 1)")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.n = len(train_set)
+        self.device = model_device(model)
+
+    # ----------------------------------------------------------------- building blocks
+    def collate(self, samples: list) -> Any:
+        """Collate a list of samples and move the batch to the model's device."""
+        return move_to(self.collate_fn(list(samples)), self.device)
+
+    def loss(self, batch: Any, where: str) -> torch.Tensor:
+        """Call loss_fn and check that it returned a finite scalar that depends on the trainable parameters."""
+        try:
+            loss = self.loss_fn(self.model, batch)
+        except Exception as e:  # the user's loss: name where it failed
+            raise InfluenceError(f"loss_fn failed on {where}: {type(e).__name__}: {e}") from e
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise InfluenceError(
+                f"loss_fn must return a scalar tensor (the mean of the per-sample losses); got {shape} on {where}"
+            )
+        if not loss.requires_grad:
+            raise InfluenceError(f"loss_fn's result on {where} does not depend on the trainable parameters")
+        if not torch.isfinite(loss.detach()).all():
+            raise InfluenceError(f"loss_fn returned {loss.item()} (not finite) on {where}")
+        return loss.reshape(())
+
+    @contextlib.contextmanager
+    def _inference_mode(self) -> Iterator[None]:
+        """Dropout and similar off for the duration (products must be deterministic), restored afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, t in modes:
+                m.training = t
+
+    def gradient_sum(self, samples: Sequence, batch_size: int, what: str = "sample") -> V.Vec:
+        """Σ_z ∇L(z) over ``samples``: each chunk's mean-loss gradient times its size, so the result does not
+        depend on ``batch_size``. A chunk that fails is retried sample by sample to name the culprit."""
+        total = [torch.zeros_like(p) for p in self.params]
+        rank, world = _dist_world()
+        for start in range(0, len(samples), batch_size):
+            chunk = list(range(start, min(start + batch_size, len(samples))))[rank::world]
+            if not chunk:
+                continue
+            try:
+                batch = self.collate([samples[i] for i in chunk])
+                loss = self.loss(batch, f"{what}s {chunk[0]}–{chunk[-1]}")
+            except Exception:
+                for i in chunk:  # pinpoint the offending sample
+                    self.loss(self._checked_collate(samples[i], f"{what} {i}"), f"{what} {i}")
+                raise
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            for t, g in zip(total, grads):
+                if g is not None:
+                    t.add_(g, alpha=len(chunk))
+        return self._all_reduce(total)
+
+    def _checked_collate(self, sample: Any, where: str) -> Any:
+        try:
+            return self.collate([sample])
+        except Exception as e:
+            raise InfluenceError(f"collate_fn failed on {where}: {type(e).__name__}: {e}") from e
+
+    def edit_gradient(self, edits: Sequence[Edit], batch_size: int = 16) -> V.Vec:
+        """b = −(1/n) Σ_E [∇L(z_new) − ∇L(z_old)] at the current parameters (absent sides contribute 0)."""
+        edits = self._check_edits(edits)
+        with self._inference_mode():
+            new = [e.new for e in edits if e.new is not None]
+            old = [e.old for e in edits if e.old is not None]
+            g_new = self.gradient_sum(new, batch_size, "new sample of edit") if new else V.zeros_like(self.params)
+            g_old = self.gradient_sum(old, batch_size, "old sample of edit") if old else V.zeros_like(self.params)
+        return [-(gn - go) / self.n for gn, go in zip(g_new, g_old)]
+
+    def product(self, v: V.Vec | dict[str, torch.Tensor], curvature: str | Curvature = "hessian",
+                indices: Sequence[int] | None = None, batch_size: int = 16) -> V.Vec:
+        """C v over training samples ``indices`` (default: all), C the mean curvature over those samples.
+
+        Each batch's product is weighted by its share of the samples, so the result is independent of
+        ``batch_size`` and of the number of processes (products are all-reduced under torch.distributed).
+        """
+        curv = make_curvature(curvature) if isinstance(curvature, str) else curvature
+        v = self._as_list(v)
+        idx = list(range(self.n)) if indices is None else list(indices)
+        total = [torch.zeros_like(p) for p in self.params]
+        rank, world = _dist_world()
+        with self._inference_mode():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start : start + batch_size]
+                local = chunk[rank::world]
+                if not local:
+                    continue
+                where = f"training samples {chunk[0]}–{chunk[-1]}"
+                hv = curv.batch_product(self, [self.train_set[i] for i in local], v, where)
+                for t, h in zip(total, hv):
+                    t.add_(h.detach(), alpha=len(local) / len(idx))
+        return self._all_reduce(total)
+
+    def _all_reduce(self, vec: V.Vec) -> V.Vec:
+        if _dist_world()[1] > 1:
+            for t in vec:
+                torch.distributed.all_reduce(t)
+        return vec
+
+    def _as_list(self, v: V.Vec | dict[str, torch.Tensor]) -> V.Vec:
+        if isinstance(v, dict):
+            missing = [n for n in self.names if n not in v]
+            if missing:
+                raise InfluenceError(f"vector is missing trainable parameter '{missing[0]}'")
+            return [v[n].to(p) for n, p in zip(self.names, self.params)]
+        if len(v) != len(self.params):
+            raise InfluenceError(f"vector has {len(v)} tensors, the model has {len(self.params)} trainable ones")
+        return [t.to(p) for t, p in zip(v, self.params)]
+
+    @staticmethod
+    def _check_edits(edits: Sequence[Edit]) -> list[Edit]:
+        edits = list(edits)
+        if not edits:
+            raise InfluenceError("no edits given: pass at least one Edit(old, new)")
+        for i, e in enumerate(edits):
+            if not isinstance(e, Edit):
+                raise InfluenceError(f"edit #{i} is a {type(e).__name__}, not an mmerase.Edit")
+        return edits
+
+    def _subset(self, size: int | None, seed: int) -> list[int]:
+        if size is None or size >= self.n:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(seed)
+        return sorted(torch.randperm(self.n, generator=g)[:size].tolist())
+
+    # ----------------------------------------------------------------- the solve
+    def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None) -> SolveResult:
+        """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ.
+
+        Raises :class:`InfluenceError` for bad input, ``NotPositiveDefiniteError`` when CG meets non-positive
+        curvature, ``SolverDivergedError`` on NaN/inf or divergence; never returns a diverged δ.
+        """
+        config = config or SolverConfig()
+        t0 = time.perf_counter()
+        curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp)
+        b = self.edit_gradient(edits, config.batch_size)
+        b_norm = V.norm(b)
+        if not V.is_finite(b):
+            raise InfluenceError("the edit gradient b contains NaN/inf: check the edited samples' losses")
+        curv_idx = self._subset(config.curvature_samples, config.seed)
+        resid_idx = curv_idx if config.residual_samples is None else \
+            sorted(self._subset(config.residual_samples, config.seed + 1) if config.curvature_samples is None
+                   else curv_idx[: config.residual_samples])
+        if b_norm == 0.0:  # identical old and new samples: nothing to change
+            out_x, residual, converged, steps, history, info = V.zeros_like(b), 0.0, True, 0, [], {"note": "b = 0"}
+            product_samples = 0
+        else:
+            problem = _Problem(self, curv, config, b, curv_idx, resid_idx)
+            with self._inference_mode():
+                out = SOLVERS[config.method](problem, config)
+            out_x, residual, converged, steps, history, info = (out.x, out.residual, out.converged, out.steps,
+                                                                 out.history, out.info)
+            product_samples = problem.product_samples
+        delta = {n: x.detach().clone() for n, x in zip(self.names, out_x)}
+        return SolveResult(delta=delta, residual=residual, converged=converged, steps=steps, history=history,
+                           b_norm=b_norm, delta_norm=V.norm(out_x), product_samples=product_samples,
+                           wall_time=time.perf_counter() - t0, config=config.to_dict(),
+                           info={**info, "n_train": self.n, "n_edits": len(list(edits)),
+                                 "curvature_set": len(curv_idx), "residual_set": len(resid_idx)})
+
+    def apply(self, delta: dict[str, torch.Tensor] | V.Vec, alpha: float = 1.0) -> None:
+        """θ ← θ + alpha·δ in place."""
+        d = self._as_list(delta)
+        with torch.no_grad():
+            for p, t in zip(self.params, d):
+                p.add_(t, alpha=alpha)

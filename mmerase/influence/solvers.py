@@ -1,0 +1,247 @@
+"""Solvers for (H + λI) δ = b behind one interface: ``SOLVERS[name](problem, config) -> SolverOutput``.
+
+``problem`` supplies products over the whole curvature set (``matvec``), unbiased mini-batch products
+(``minibatch_matvec``) and the relative residual on a fixed sample set (``residual``); a solver never sees
+the model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from . import vectors as V
+from .config import SolverConfig
+from .errors import InfluenceError, NotPositiveDefiniteError, SolverDivergedError
+
+
+class LinearProblem(Protocol):
+    b: V.Vec
+    damping: float
+    n_params: int
+    product_samples: int  # samples pushed through curvature products so far
+
+    def matvec(self, v: V.Vec) -> V.Vec: ...
+
+    def minibatch_matvec(self, v: V.Vec) -> V.Vec: ...
+
+    def residual(self, x: V.Vec) -> float: ...
+
+
+@dataclass
+class SolverOutput:
+    x: V.Vec
+    residual: float
+    converged: bool
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+class _Tracker:
+    """Residual history, progress bar and the NaN/divergence guard shared by all solvers."""
+
+    def __init__(self, problem: LinearProblem, config: SolverConfig, total: int, desc: str) -> None:
+        self.problem, self.config, self.t0 = problem, config, time.perf_counter()
+        self.history: list[dict] = []
+        self.bar = tqdm(total=total, desc=desc, disable=(None if config.progress is None else not config.progress),
+                        leave=False, dynamic_ncols=True)
+
+    def record(self, step: int, residual: float) -> None:
+        if not math.isfinite(residual):
+            self.bar.close()
+            raise SolverDivergedError(
+                f"{self.config.method} solver produced a non-finite residual at step {step}: "
+                f"try more damping (λ={self.config.damping}) or a smaller lr/step"
+            )
+        self.history.append({"step": step, "residual": residual, "product_samples": self.problem.product_samples,
+                             "time": time.perf_counter() - self.t0})
+        self.bar.set_postfix(residual=f"{residual:.3e}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _check_finite(x: V.Vec, method: str, step: int, hint: str) -> None:
+    if not V.is_finite(x):
+        raise SolverDivergedError(f"{method} solver produced NaN/inf at step {step}; {hint}")
+
+
+def solve_cg(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """Conjugate gradient on exact products over the curvature set; stops on non-positive curvature."""
+    b, bn = problem.b, V.norm(problem.b)
+    x, r = V.zeros_like(b), [t.clone() for t in b]
+    p, rs = [t.clone() for t in r], V.dot(r, r)
+    tr = _Tracker(problem, config, config.max_steps, "cg")
+    tr.record(0, 1.0)
+    converged, step = False, 0
+    try:
+        for step in range(1, config.max_steps + 1):
+            ap = problem.matvec(p)
+            pap = V.dot(p, ap)
+            if not math.isfinite(pap):
+                raise SolverDivergedError(f"cg: non-finite product pᵀ(H+λI)p at step {step}")
+            if pap <= 0:
+                raise NotPositiveDefiniteError(
+                    f"cg met non-positive curvature at step {step}: pᵀ(H+λI)p = {pap:.3e} ≤ 0 with damping "
+                    f"λ={problem.damping:g}, so H+λI is not positive definite and (H+λI)δ=b has no minimiser "
+                    "that CG can find. Increase --damping, or use a PSD curvature ('ggn' or 'fisher')."
+                )
+            alpha = rs / pap
+            x = V.axpy(alpha, p, x)
+            r = V.axpy(-alpha, ap, r)
+            rs_new = V.dot(r, r)
+            tr.record(step, math.sqrt(rs_new) / bn)
+            tr.bar.update(1)
+            if math.sqrt(rs_new) / bn < config.tol:
+                converged = True
+                break
+            p = V.axpy(rs_new / rs, p, r)
+            rs = rs_new
+    finally:
+        tr.close()
+    _check_finite(x, "cg", step, "increase damping")
+    res = problem.residual(x)  # the recurrence drifts in float32: report the true residual
+    return SolverOutput(x, res, converged and res < max(config.tol, 10 * config.tol), step, tr.history)
+
+
+def _auto_lr(problem: LinearProblem) -> float:
+    """0.1 × the RMS entry of the steepest-descent (Cauchy) step α·b, α = bᵀb / bᵀ(H+λI)b."""
+    b = problem.b
+    bab = V.dot(b, problem.minibatch_matvec(b))
+    alpha = V.dot(b, b) / bab if bab > 0 else 1.0 / max(problem.damping, 1.0)
+    return 0.1 * abs(alpha) * V.norm(b) / math.sqrt(problem.n_params)
+
+
+def solve_stochastic(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """Adam on F(δ) = ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; cosine-decayed step so the noise dies out."""
+    lr = config.lr if config.lr is not None else _auto_lr(problem)
+    b = problem.b
+    x, m, s = V.zeros_like(b), V.zeros_like(b), V.zeros_like(b)
+    beta1, beta2, eps = 0.9, 0.999, 1e-12
+    tr = _Tracker(problem, config, config.max_steps, "stochastic")
+    tr.record(0, 1.0)
+    converged, res, step = False, 1.0, 0
+    try:
+        for step in range(1, config.max_steps + 1):
+            g = V.sub(problem.minibatch_matvec(x), b)
+            lr_t = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.max_steps))
+            for xi, mi, si, gi in zip(x, m, s, g):
+                mi.mul_(beta1).add_(gi, alpha=1 - beta1)
+                si.mul_(beta2).addcmul_(gi, gi, value=1 - beta2)
+                mhat = mi / (1 - beta1**step)
+                shat = si / (1 - beta2**step)
+                xi.sub_(lr_t * mhat / (shat.sqrt() + eps))
+            _check_finite(x, "stochastic", step, "lower lr or increase damping")
+            tr.bar.update(1)
+            if step % config.eval_every == 0 or step == config.max_steps:
+                res = problem.residual(x)
+                tr.record(step, res)
+                if res > config.divergence_factor:
+                    raise SolverDivergedError(
+                        f"stochastic solver diverged: residual {res:.3e} at step {step} "
+                        f"(guard {config.divergence_factor:g}); lower lr (now {lr:.3e}) or increase damping"
+                    )
+                if res < config.tol:
+                    converged = True
+                    break
+    finally:
+        tr.close()
+    return SolverOutput(x, res, converged, step, tr.history, {"lr": lr})
+
+
+def _power_iteration(problem: LinearProblem, iters: int = 20, seed: int = 0) -> float:
+    """Largest-magnitude eigenvalue of H+λI from products over the curvature set."""
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in problem.b]
+    lam = 0.0
+    for _ in range(iters):
+        vn = V.norm(v)
+        v = V.scale(1.0 / vn, v)
+        av = problem.matvec(v)
+        lam = V.dot(v, av)
+        v = av
+    return abs(lam)
+
+
+def solve_lissa(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """LiSSA: h ← b + (I − (H_B+λI)/s) h, answer h/s (the 1/s correction), with a divergence guard.
+
+    Converges when the eigenvalues of (H+λI)/s lie in (0, 2); a negative eigenvalue (an indefinite H that
+    damping did not fix) or too small a scale makes it diverge, which is reported, never returned.
+    """
+    scale_ = config.lissa_scale
+    if scale_ is None:
+        scale_ = 1.1 * _power_iteration(problem, seed=config.seed)
+    b, bn = problem.b, V.norm(problem.b)
+    h = [t.clone() for t in b]
+    tr = _Tracker(problem, config, config.max_steps, "lissa")
+    tr.record(0, 1.0)
+    converged, res, step = False, 1.0, 0
+    hint = f"increase lissa_scale (now {scale_:.3e}) or damping (λ={problem.damping:g})"
+    try:
+        for step in range(1, config.max_steps + 1):
+            ah = problem.minibatch_matvec(h)
+            h = [bi + hi - ai / scale_ for bi, hi, ai in zip(b, h, ah)]
+            _check_finite(h, "lissa", step, hint)
+            if V.norm(h) > 1e12 * bn:
+                raise SolverDivergedError(f"lissa diverged at step {step} (‖h‖ grew without bound); {hint}")
+            tr.bar.update(1)
+            if step % config.eval_every == 0 or step == config.max_steps:
+                res = problem.residual(V.scale(1.0 / scale_, h))
+                tr.record(step, res)
+                if res > config.divergence_factor:
+                    raise SolverDivergedError(f"lissa diverged: residual {res:.3e} at step {step}; {hint}")
+                if res < config.tol:
+                    converged = True
+                    break
+    finally:
+        tr.close()
+    return SolverOutput(V.scale(1.0 / scale_, h), res, converged, step, tr.history, {"lissa_scale": scale_})
+
+
+def solve_dense(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """Form H+λI column by column (one product per parameter) and solve it directly in float64."""
+    p = problem.n_params
+    if p > config.dense_max_params:
+        raise InfluenceError(
+            f"the 'dense' solver forms a {p}×{p} matrix ({p} products); this model has {p} trainable "
+            f"parameters, above dense_max_params={config.dense_max_params}. Use 'cg' instead."
+        )
+    like = problem.b
+    cols = []
+    tr = _Tracker(problem, config, p, "dense")
+    try:
+        for i in range(p):
+            e = torch.zeros(p, dtype=torch.float64)
+            e[i] = 1.0
+            cols.append(V.flatten(problem.matvec(V.unflatten(e, like))).double())
+            tr.bar.update(1)
+    except BaseException:
+        tr.close()
+        raise
+    a = torch.stack(cols, dim=1)
+    a = 0.5 * (a + a.T)
+    x_flat = torch.linalg.solve(a, V.flatten(like).double())
+    x = V.unflatten(x_flat, like)
+    _check_finite(x, "dense", p, "H+λI is singular: increase damping")
+    res = float(torch.linalg.vector_norm(a @ x_flat - V.flatten(like).double()) / V.norm(like))
+    tr.record(p, res)
+    tr.close()
+    eig = torch.linalg.eigvalsh(a)
+    return SolverOutput(x, res, True, p, tr.history,
+                        {"min_eigenvalue": float(eig[0]), "max_eigenvalue": float(eig[-1])})
+
+
+SOLVERS: dict[str, Callable[[LinearProblem, SolverConfig], SolverOutput]] = {
+    "cg": solve_cg,
+    "stochastic": solve_stochastic,
+    "lissa": solve_lissa,
+    "dense": solve_dense,
+}
