@@ -1,0 +1,137 @@
+"""Judge price table (USD per million tokens) and the thread-safe cost meter behind ``--max-cost``.
+
+Built-in prices are list prices at the time of writing and will drift; pass ``--price-table FILE`` (JSON or YAML:
+``{model: {input: USD/1M, output: USD/1M}}``) or ``--price-in/--price-out`` to use your own. The summary names the
+entry that was used.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from eval.errors import UserError
+
+BUILTIN_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4": (30.0, 60.0),
+    "gpt-4-0314": (30.0, 60.0),
+    "gpt-4-0613": (30.0, 60.0),
+    "gpt-4-32k": (60.0, 120.0),
+    "gpt-4-turbo": (10.0, 30.0),
+    "gpt-4-1106-preview": (10.0, 30.0),
+    "gpt-4-0125-preview": (10.0, 30.0),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-2024-05-13": (5.0, 15.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "gpt-4.1-nano": (0.1, 0.4),
+    "gpt-3.5-turbo": (0.5, 1.5),
+}
+
+
+@dataclass(frozen=True)
+class Price:
+    """Price of one model in USD per million tokens, and where it came from (for the report)."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+    source: str
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+def parse_price_table(data: Any, origin: str) -> dict[str, tuple[float, float]]:
+    """Validate a user price table ``{model: {input: x, output: y}}``."""
+    if not isinstance(data, dict):
+        raise UserError(f"{origin}: price table must map model names to {{input: ..., output: ...}}")
+    table: dict[str, tuple[float, float]] = {}
+    for model, entry in data.items():
+        if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
+            raise UserError(f"{origin}: entry {model!r} must have exactly the keys 'input' and 'output' "
+                            "(USD per 1M tokens)")
+        try:
+            pin, pout = float(entry["input"]), float(entry["output"])
+        except (TypeError, ValueError):
+            raise UserError(f"{origin}: entry {model!r} has a non-numeric price") from None
+        if not (math.isfinite(pin) and math.isfinite(pout)) or pin < 0 or pout < 0:
+            raise UserError(f"{origin}: entry {model!r} must have non-negative prices")
+        table[str(model)] = (pin, pout)
+    return table
+
+
+def lookup_price(model: str, user_table: dict[str, tuple[float, float]] | None = None) -> Price | None:
+    """Price of ``model``: exact name first, then the longest table key K with ``model`` starting ``K-`` (dated names).
+
+    A user table is searched before the built-in one. Returns None when nothing matches.
+    """
+    for table, label in ((user_table or {}, "price table"), (BUILTIN_PRICES, "built-in")):
+        if model in table:
+            return Price(*table[model], source=f"{model} ({label})")
+        prefixes = [k for k in table if model.startswith(k + "-")]
+        if prefixes:
+            key = max(prefixes, key=len)
+            return Price(*table[key], source=f"{key} ({label})")
+    return None
+
+
+class CostCapReached(Exception):
+    """Raised by :meth:`CostMeter.reserve` when the next request could push spending past ``max_cost``."""
+
+
+class CostMeter:
+    """Counts tokens and dollars of this invocation; reserves an estimate per in-flight request so that
+    concurrent workers never overshoot ``max_cost``."""
+
+    def __init__(self, price: Price | None, max_cost: float | None = None) -> None:
+        if max_cost is not None and price is None:
+            raise UserError("--max-cost needs a price for the judge model: pass --price-table or "
+                            "--price-in/--price-out")
+        self.price = price
+        self.max_cost = max_cost
+        self._lock = threading.Lock()
+        self.spent = 0.0
+        self._reserved = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.requests = 0
+        self.estimated_usage = 0
+
+    def estimate(self, prompt_chars: int, max_tokens: int) -> float:
+        """Expected cost of one request: the mean observed so far, else ~4 characters per prompt token."""
+        if self.price is None:
+            return 0.0
+        if self.requests:
+            return self.spent / self.requests
+        return self.price.cost(math.ceil(prompt_chars / 4), max_tokens)
+
+    def reserve(self, prompt_chars: int, max_tokens: int) -> float:
+        """Book the estimate of one request, or raise CostCapReached if it would not fit under ``max_cost``."""
+        with self._lock:
+            est = self.estimate(prompt_chars, max_tokens)
+            if self.max_cost is not None and self.spent + self._reserved + est > self.max_cost:
+                raise CostCapReached(
+                    f"cost cap reached: spent ${self.spent:.4f} of --max-cost ${self.max_cost:.4f} "
+                    f"(next request ~${est:.4f})"
+                )
+            self._reserved += est
+            return est
+
+    def release(self, reservation: float) -> None:
+        with self._lock:
+            self._reserved -= reservation
+
+    def settle(self, reservation: float, prompt_tokens: int, completion_tokens: int, estimated: bool) -> float:
+        """Replace a reservation by the real usage; returns this request's cost (0.0 without a price)."""
+        cost = self.price.cost(prompt_tokens, completion_tokens) if self.price else 0.0
+        with self._lock:
+            self._reserved -= reservation
+            self.spent += cost
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            self.requests += 1
+            self.estimated_usage += int(estimated)
+        return cost
