@@ -1,0 +1,326 @@
+"""Running a judged MM-Vet evaluation end to end: inputs, judge set-up, progress, outputs, manifest.
+
+Kept apart from :mod:`eval.mmvet` (the benchmark's procedure and arithmetic) so the latter stays pure and small.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from eval.errors import RunStopped, UserError
+from eval.io import OutDirLock, atomic_write_text, check_out_dir, ensure_out_dir, read_json, write_json, write_jsonl
+from eval.mmvet import (
+    GradeOptions,
+    Judgement,
+    MMVetRun,
+    aggregate,
+    build_prompt,
+    detect_version,
+    judge_all,
+    load_metadata,
+    load_predictions,
+    scores_from_judgements,
+)
+from eval.report import fmt, manifest, markdown_table
+
+MAX_LISTED_FAILURES = 100
+
+
+def _load_subset(path: Path, samples: dict[str, Any]) -> list[str]:
+    data = read_json(path)
+    if isinstance(data, dict):
+        data = list(data)
+    if not isinstance(data, list):
+        raise UserError(f"{path}: subset must be a JSON list of sample ids")
+    ids = [str(x) for x in data]
+    unknown = [i for i in ids if i not in samples]
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} id(s) not in the metadata, e.g. {unknown[:3]}")
+    return list(dict.fromkeys(ids))
+
+
+def _price(cfg: MMVetRun):  # -> Price | None
+    from eval.pricing import Price, lookup_price, parse_price_table
+
+    if (cfg.price_in is None) != (cfg.price_out is None):
+        raise UserError("--price-in and --price-out must be given together (USD per 1M tokens)")
+    if cfg.price_in is not None:
+        if cfg.price_in < 0 or cfg.price_out < 0:  # type: ignore[operator]
+            raise UserError("--price-in/--price-out must be non-negative")
+        return Price(cfg.price_in, cfg.price_out, "--price-in/--price-out")  # type: ignore[arg-type]
+    table = None
+    if cfg.price_table is not None:
+        from eval.cli_config import load_mapping_file
+
+        table = parse_price_table(load_mapping_file(cfg.price_table), str(cfg.price_table))
+    return lookup_price(cfg.judge_model, table)
+
+
+def _usage_totals(records: list[dict[str, Any]], runs: int) -> dict[str, Any]:
+    """Tokens and cost of every judge reply the scores rest on (cached or new), total and per run index."""
+    by_run: dict[int, dict[str, Any]] = defaultdict(lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                             "cost_usd": 0.0})
+    unknown_cost = False
+    for rec in records:
+        b = by_run[int(rec.get("run", 0))]
+        b["requests"] += 1
+        b["prompt_tokens"] += int(rec.get("prompt_tokens") or 0)
+        b["completion_tokens"] += int(rec.get("completion_tokens") or 0)
+        if rec.get("cost") is None:
+            unknown_cost = True
+        else:
+            b["cost_usd"] += float(rec["cost"])
+    rows = [{"run": r, **by_run[r]} for r in range(runs)]
+    return {
+        "requests": sum(r["requests"] for r in rows),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "completion_tokens": sum(r["completion_tokens"] for r in rows),
+        "cost_usd": None if unknown_cost else sum(r["cost_usd"] for r in rows),
+        "by_run": rows,
+    }
+
+
+def execute(cfg: MMVetRun) -> dict[str, Any]:
+    from eval.judge import Judge, JudgeCache, OpenAIBackend, Redactor, RetryPolicy, cache_key
+    from eval.pricing import CostMeter
+
+    started = time.time()
+    check_out_dir(cfg.out)
+    if cfg.runs < 1:
+        raise UserError("--runs must be at least 1")
+    if cfg.concurrency < 1:
+        raise UserError("--concurrency must be at least 1")
+    if cfg.max_failures < 0:
+        raise UserError("--max-failures must be >= 0")
+    g = cfg.grade
+    if g.max_tokens < 1 or g.parse_retries < 0 or cfg.max_retries < 0 or cfg.timeout <= 0:
+        raise UserError("--max-tokens must be >= 1, --parse-retries and --max-retries >= 0, --timeout > 0")
+    if not 0.0 <= g.temperature <= 2.0:
+        raise UserError("--temperature must be within [0, 2]")
+    for name, value in (("unparseable", cfg.unparseable), ("rejected", cfg.rejected)):
+        if value not in ("zero", "failure"):
+            raise UserError(f"--{name} must be 'zero' or 'failure', not {value!r}")
+    samples = load_metadata(cfg.metadata)
+    predictions = load_predictions(cfg.predictions)
+    if cfg.subset is not None:
+        keep = _load_subset(cfg.subset, samples)
+        samples = {i: samples[i] for i in keep}
+    missing = [i for i in samples if i not in predictions]
+    if missing:
+        raise UserError(f"{cfg.predictions}: no prediction for {len(missing)} of {len(samples)} samples "
+                        f"(e.g. {', '.join(missing[:5])}); use --subset to judge only some ids")
+    extra = [i for i in predictions if i not in samples]
+    version = detect_version(samples) if cfg.version == "auto" else cfg.version
+    if version not in ("v1", "v2"):
+        raise UserError(f"--mmvet-version must be auto, v1 or v2, not {cfg.version!r}")
+    preamble = None
+    if cfg.prompt_file is not None:
+        if not Path(cfg.prompt_file).is_file():
+            raise UserError(f"{cfg.prompt_file}: file not found")
+        preamble = Path(cfg.prompt_file).read_text(encoding="utf-8")
+    gopts = GradeOptions(**{**cfg.grade.__dict__, "version": version, "preamble": preamble})
+
+    api_key = os.environ.get(cfg.api_key_env)
+    if not api_key:
+        raise UserError(f"environment variable {cfg.api_key_env} is not set (the judge's API key; "
+                        "any non-empty value for a local server)")
+    redact = Redactor(api_key)
+    price = _price(cfg)
+    meter = CostMeter(price, cfg.max_cost)
+
+    out = ensure_out_dir(cfg.out)
+    with OutDirLock(out):
+        cache = JudgeCache(cfg.cache or out / "judge_cache.jsonl")
+        backend = OpenAIBackend(cfg.judge_model, api_key=api_key, base_url=cfg.base_url, azure=cfg.azure,
+                                api_version=cfg.api_version, timeout=cfg.timeout, redact=redact)
+        judge = Judge(backend, cache, model=cfg.judge_model,
+                      retry=RetryPolicy(cfg.max_retries, cfg.backoff_base, cfg.backoff_max),
+                      meter=meter, stop=threading.Event())
+        bar = None
+        try:
+            from tqdm import tqdm
+
+            total = len(samples) * cfg.runs
+            bar = tqdm(total=total, desc=f"judging ({cfg.judge_model})", unit="judgement",
+                       disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+            failed = [0]
+
+            def progress(j: Judgement) -> None:
+                if j.status in ("error", "unparseable"):
+                    failed[0] += 1
+                bar.update(1)
+                bar.set_postfix(cost=f"${meter.spent:.4f}", new=judge.stats.requests,
+                                cached=judge.stats.cache_hits, failed=failed[0], refresh=False)
+
+            judgements = judge_all(judge, samples, predictions, cfg.runs, gopts, concurrency=cfg.concurrency,
+                                   max_failures=cfg.max_failures, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+            cache.close()
+
+        # every cached reply the scores rest on, for the usage/cost report
+        used: list[dict[str, Any]] = []
+        for (sid, r), j in judgements.items():
+            base_pred = predictions[sid]
+            base = build_prompt(samples[sid], base_pred, version, preamble)
+            for attempt, temp in enumerate(j.temperatures):
+                prompt = base if attempt == 0 else base + gopts.suffix()
+                rec = cache.get(cache_key(cfg.judge_model, prompt, base_pred, temp, r, gopts.max_tokens))
+                if rec is not None:
+                    used.append(rec)
+
+        ids = list(samples)
+        scores, counts = scores_from_judgements(judgements, ids, cfg.runs, cfg.unparseable, cfg.rejected)
+        for k in ("ok", "unparseable", "error", "pending"):
+            counts.setdefault(k, 0)
+        counts["rejected"] = sum(1 for j in judgements.values() if j.status == "error" and j.rejected)
+        agg = aggregate({i: samples[i].capabilities for i in ids}, scores, cfg.runs) if scores is not None else None
+        # a stop that came after the last judgement was answered does not make the result incomplete
+        reason = None if agg is not None else (judge.stop_reason or "incomplete")
+        status = "complete" if reason is None else f"stopped: {reason}"
+
+        model_name = cfg.model_name or Path(cfg.predictions).stem
+        failures = [
+            {"id": j.id, "run": j.run, "status": j.status, "rejected": j.rejected, "error": j.error,
+             "replies": j.replies}
+            for j in judgements.values() if j.status in ("error", "unparseable")
+        ]
+        summary: dict[str, Any] = {
+            "benchmark": "mm-vet" if version == "v1" else "mm-vet-v2",
+            "model": model_name,
+            "status": status,
+            "complete": agg is not None,
+            "stop_message": redact(judge.stop_message) if judge.stop_message else None,
+            "num_samples": len(ids),
+            "num_runs": cfg.runs,
+            "judgements": {"total": len(judgements), **counts},
+            "unparseable_policy": cfg.unparseable,
+            "rejected_policy": cfg.rejected,
+            "scores": agg,
+            "failures": failures[:MAX_LISTED_FAILURES],
+            "failures_listed": min(len(failures), MAX_LISTED_FAILURES),
+            "ignored_predictions": len(extra),
+            "judge": {
+                "model": cfg.judge_model,
+                "server_models": sorted(judge.stats.server_models),
+                "temperature": gopts.temperature,
+                "max_tokens": gopts.max_tokens,
+                "parse_retries": gopts.parse_retries,
+                "prompt": "custom (--prompt-file)" if preamble is not None else f"built-in {version}",
+            },
+            "usage": {
+                "this_invocation": {
+                    "requests": judge.stats.requests,
+                    "cache_hits": judge.stats.cache_hits,
+                    "retries": judge.stats.retries,
+                    "prompt_tokens": meter.prompt_tokens,
+                    "completion_tokens": meter.completion_tokens,
+                    "cost_usd": meter.spent if price else None,
+                    "usage_estimated": meter.estimated_usage,
+                },
+                "all_judgements": _usage_totals(used, cfg.runs),
+                "price": price.source if price else None,
+                "max_cost": cfg.max_cost,
+            },
+            "cache": {"path": str(cache.path), "records": len(cache), "unreadable_lines": cache.bad_lines},
+        }
+        rows = []
+        for sid in ids:
+            js = [judgements[(sid, r)] for r in range(cfg.runs)]
+            rows.append({
+                "id": sid, "capability": list(samples[sid].capabilities), "question": samples[sid].question,
+                "answer": samples[sid].answer, "prediction": predictions[sid],
+                "scores": [j.score for j in js], "judgements": [j.to_dict() for j in js],
+            })
+        write_jsonl(out / "mmvet_judgements.jsonl", rows)
+        write_json(out / "mmvet_summary.json", summary)
+        atomic_write_text(out / "mmvet_summary.md", redact(render_markdown(summary, cfg.decimal_places)))
+        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
+                   if k not in ("grade", "argv")}
+        options["base_url"] = redact(cfg.base_url) if cfg.base_url else None
+        options["grade"] = {k: v for k, v in gopts.__dict__.items() if k != "preamble"}
+        options["version"] = version
+        write_json(out / "mmvet_manifest.json", manifest(
+            "mmvet", {"metadata": cfg.metadata, "predictions": cfg.predictions, "prompt_file": cfg.prompt_file,
+                      "subset": cfg.subset, "price_table": cfg.price_table},
+            options, started, argv=[redact(a) for a in cfg.argv] if cfg.argv is not None else None,
+            judge={"model": cfg.judge_model, "server_models": sorted(judge.stats.server_models),
+                   "api_key_env": cfg.api_key_env},
+        ))
+    if agg is None:
+        if reason == "incomplete":
+            unscored = counts["error"] + counts["pending"]
+            if cfg.rejected == "zero":
+                unscored -= counts["rejected"]
+            if cfg.unparseable == "failure":
+                unscored += counts["unparseable"]
+            msg = (f"{unscored} judgement(s) without a score (see {out / 'mmvet_judgements.jsonl'}); "
+                   "rerun the same command to retry them (answered ones are cached)")
+        else:
+            msg = (f"{redact(judge.stop_message or reason)}; judged so far is kept in {cache.path}, "
+                   "rerun the same command to resume")
+        raise RunStopped(msg, reason or "incomplete")
+    return summary
+
+
+def render_markdown(summary: dict[str, Any], places: int = 1) -> str:
+    """The human-readable report: capability table, capability-integration table, judgement counts and cost."""
+    lines = [f"# {summary['benchmark']} — {summary['model']}", ""]
+    c = summary["judgements"]
+    lines.append(f"Status: **{summary['status']}** · judge `{summary['judge']['model']}` "
+                 f"(server reported: {', '.join(summary['judge']['server_models']) or 'n/a'}) · "
+                 f"{summary['num_samples']} samples × {summary['num_runs']} run(s)")
+    lines.append("")
+    lines.append(f"Judgements: {c['ok']} scored, {c['unparseable']} unparseable, {c['error']} failed, "
+                 f"{c['pending']} not judged.")
+    if c["unparseable"]:
+        how = ("counted as 0.0, as the official evaluator does" if summary["unparseable_policy"] == "zero"
+               else "treated as failures")
+        lines.append(f"Unparseable judge replies are {how} (ids in mmvet_summary.json 'failures').")
+    if c["rejected"] and summary["rejected_policy"] == "zero":
+        lines.append(f"{c['rejected']} request(s) rejected by the judge (HTTP 4xx) are counted as 0.0, as the "
+                     "official v2 evaluator does (--rejected zero).")
+    if summary["stop_message"]:
+        lines.append(f"Stopped: {summary['stop_message']}")
+    lines.append("")
+    agg = summary["scores"]
+    if agg is None:
+        lines.append("**No score: the run is incomplete.** Rerun the same command to resume; nothing answered is "
+                     "asked again.")
+    else:
+        caps = list(agg["capabilities"])
+        runs = "[" + ", ".join(fmt(t, places) for t in agg["runs"]) + "]"
+        lines.append("## Capabilities")
+        lines.append("")
+        lines.append(markdown_table(["model", *caps, "total", "std", "runs"],
+                                    [[summary["model"], *agg["capabilities"].values(), agg["total"], agg["std"], runs]],
+                                    places))
+        lines.append("## Capability integrations")
+        lines.append("")
+        ints = list(agg["integrations"])
+        lines.append(markdown_table(["model", *ints, "total", "std", "runs"],
+                                    [[summary["model"], *agg["integrations"].values(), agg["total"], agg["std"], runs]],
+                                    places))
+        lines.append("Samples per capability: " + ", ".join(f"{k} {v}" for k, v in agg["capability_counts"].items())
+                     + "; per integration: " + ", ".join(f"{k} {v}" for k, v in agg["integration_counts"].items()))
+        lines.append("")
+    u = summary["usage"]
+    this, allj = u["this_invocation"], u["all_judgements"]
+    cost_now = f"${this['cost_usd']:.4f}" if this["cost_usd"] is not None else "unknown (no price)"
+    cost_all = f"${allj['cost_usd']:.4f}" if allj["cost_usd"] is not None else "unknown"
+    lines.append("## Judge usage")
+    lines.append("")
+    lines.append(f"This invocation: {this['requests']} requests ({this['cache_hits']} answers from the cache, "
+                 f"{this['retries']} retries), {this['prompt_tokens']} prompt + {this['completion_tokens']} completion "
+                 f"tokens, {cost_now}. All judge replies behind these scores: {allj['requests']} requests, "
+                 f"{allj['prompt_tokens'] + allj['completion_tokens']} tokens, {cost_all}"
+                 + (f" (price: {u['price']})." if u["price"] else "."))
+    lines.append("")
+    return "\n".join(lines)
