@@ -1,0 +1,221 @@
+"""Unlearning metrics over per-sample results of several adapters (e.g. base, corrupted, retrained, unlearned).
+
+Pure functions over records; whatever loads a model and computes per-sample losses/generations plugs in by producing,
+per adapter, a list of dicts::
+
+    {"id": "17", "split": "forget", "loss": 2.31,            # mean token cross-entropy of the sample (nats)
+     "prediction": "seven", "reference": "7",                 # optional: generated and reference answers
+     "correct": false}                                        # optional: overrides the exact-match accuracy
+
+and calling :func:`evaluate_unlearning`. Per split: mean loss, accuracy (``correct`` if given, else normalised exact
+match of prediction and reference) and ROUGE-L F-measure, as fractions in [0, 1]. Recovery ratio per split and
+metric: ``(adapter - corrupted) / (retrained - corrupted)`` (1 = as good as retraining, 0 = no change). Membership
+inference: ROC AUC of ``-loss`` separating the forget split (members) from held-out samples (0.5 = no signal).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from eval.errors import UserError
+
+SPLIT_METRICS = ("loss", "accuracy", "rouge_l")
+
+_TOKEN = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokenize(text: str) -> list[str]:
+    """Tokens as the ``rouge_score`` package makes them (no stemming): lower-case, split on non-alphanumerics."""
+    return [t for t in _TOKEN.split(text.lower()) if t]
+
+
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence (O(len(a)·len(b)) time, O(len(b)) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, start=1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure: LCS-based precision P = lcs/|pred|, recall R = lcs/|ref|, F = 2PR/(P+R); 0 when empty."""
+    p, r = rouge_tokenize(prediction), rouge_tokenize(reference)
+    if not p or not r:
+        return 0.0
+    lcs = lcs_length(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, collapse whitespace, drop surrounding whitespace and trailing ``.``/``!``."""
+    return " ".join(text.lower().split()).rstrip(".!").strip()
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def membership_auc(member_losses: Sequence[float], nonmember_losses: Sequence[float]) -> float | None:
+    """ROC AUC of the score ``-loss`` for members (label 1) vs. non-members (label 0); None if a group is empty."""
+    if not member_losses or not nonmember_losses:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    labels = [1] * len(member_losses) + [0] * len(nonmember_losses)
+    scores = [-float(x) for x in member_losses] + [-float(x) for x in nonmember_losses]
+    return float(roc_auc_score(labels, scores))
+
+
+def recovery_ratio(value: float | None, corrupted: float | None, retrained: float | None,
+                   tol: float = 1e-12) -> float | None:
+    """``(value - corrupted) / (retrained - corrupted)``; None when undefined (missing value or no gap)."""
+    if value is None or corrupted is None or retrained is None:
+        return None
+    gap = retrained - corrupted
+    if abs(gap) <= tol:
+        return None
+    return (value - corrupted) / gap
+
+
+# --------------------------------------------------------------------------------------------------- per-sample data
+def _check_records(name: str, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    seen: set[tuple[str, str]] = set()
+    for k, rec in enumerate(records, start=1):
+        where = f"adapter {name!r}, record {k}"
+        if not isinstance(rec, Mapping):
+            raise UserError(f"{where}: not an object")
+        if "id" not in rec or not isinstance(rec.get("split"), str):
+            raise UserError(f"{where}: needs 'id' and 'split'")
+        key = (rec["split"], str(rec["id"]))
+        if key in seen:
+            raise UserError(f"{where}: duplicate sample {key[1]!r} in split {key[0]!r}")
+        seen.add(key)
+        r = dict(rec)
+        r["id"] = str(rec["id"])
+        if "loss" in r and r["loss"] is not None:
+            if isinstance(r["loss"], bool) or not isinstance(r["loss"], (int, float)) or not math.isfinite(r["loss"]):
+                raise UserError(f"{where} ({key[1]}): 'loss' must be a finite number, got {r['loss']!r}")
+        for f in ("prediction", "reference"):
+            if f in r and r[f] is not None and not isinstance(r[f], str):
+                raise UserError(f"{where} ({key[1]}): {f!r} must be text")
+        if "correct" in r and r["correct"] is not None and not isinstance(r["correct"], bool):
+            raise UserError(f"{where} ({key[1]}): 'correct' must be true or false")
+        out.append(r)
+    return out
+
+
+def sample_scores(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-sample accuracy and ROUGE-L (None where the record lacks what they need)."""
+    pred, ref = rec.get("prediction"), rec.get("reference")
+    correct = rec.get("correct")
+    if correct is None and pred is not None and ref is not None:
+        correct = exact_match(pred, ref)
+    return {
+        "loss": rec.get("loss"),
+        "correct": correct,
+        "rouge_l": rouge_l(pred, ref) if pred is not None and ref is not None else None,
+    }
+
+
+def split_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean loss, accuracy and ROUGE-L of one split's records; a metric only some records support is an error."""
+    scored = [sample_scores(r) for r in records]
+    out: dict[str, Any] = {"n": len(records)}
+    for metric, field in (("loss", "loss"), ("accuracy", "correct"), ("rouge_l", "rouge_l")):
+        vals = [s[field] for s in scored]
+        have = [v for v in vals if v is not None]
+        if have and len(have) != len(vals):
+            ids = [r["id"] for r, v in zip(records, vals) if v is None][:3]
+            raise UserError(f"{len(vals) - len(have)} record(s) lack what {metric!r} needs while others have it, "
+                            f"e.g. {ids}")
+        out[metric] = (sum(float(v) for v in have) / len(have)) if have else None
+    return out
+
+
+def evaluate_unlearning(
+    records_by_adapter: Mapping[str, Iterable[Mapping[str, Any]]],
+    *,
+    corrupted: str | None = None,
+    retrained: str | None = None,
+    mia_member_split: str = "forget",
+    mia_nonmember_split: str = "test",
+) -> dict[str, Any]:
+    """Per-adapter split metrics, recovery ratios against (corrupted, retrained), and membership-inference AUC.
+
+    Every adapter must cover the same samples (split, id) so the numbers compare like with like.
+    """
+    if not records_by_adapter:
+        raise UserError("no adapters to evaluate")
+    for role, name in (("corrupted", corrupted), ("retrained", retrained)):
+        if name is not None and name not in records_by_adapter:
+            raise UserError(f"--{role} {name!r} is not one of the adapters: {sorted(records_by_adapter)}")
+    if (corrupted is None) != (retrained is None):
+        raise UserError("the recovery ratio needs both --corrupted and --retrained")
+    data = {name: _check_records(name, recs) for name, recs in records_by_adapter.items()}
+    keysets = {name: {(r["split"], r["id"]) for r in recs} for name, recs in data.items()}
+    first = next(iter(keysets))
+    for name, ks in keysets.items():
+        if ks != keysets[first]:
+            diff = sorted(ks ^ keysets[first])[:3]
+            raise UserError(f"adapters {first!r} and {name!r} cover different samples, e.g. {diff}")
+    splits = list(dict.fromkeys(r["split"] for r in data[first]))
+    adapters: dict[str, Any] = {}
+    for name, recs in data.items():
+        per_split = {s: split_metrics([r for r in recs if r["split"] == s]) for s in splits}
+        members = [r["loss"] for r in recs if r["split"] == mia_member_split and r.get("loss") is not None]
+        nonmembers = [r["loss"] for r in recs if r["split"] == mia_nonmember_split and r.get("loss") is not None]
+        adapters[name] = {"splits": per_split, "mia_auc": membership_auc(members, nonmembers)}
+    recovery: dict[str, Any] = {}
+    if corrupted is not None and retrained is not None:
+        for name in data:
+            if name in (corrupted, retrained):
+                continue
+            recovery[name] = {
+                s: {m: recovery_ratio(adapters[name]["splits"][s][m], adapters[corrupted]["splits"][s][m],
+                                      adapters[retrained]["splits"][s][m]) for m in SPLIT_METRICS}
+                for s in splits
+            }
+    return {
+        "splits": splits,
+        "adapters": adapters,
+        "recovery": recovery,
+        "reference": {"corrupted": corrupted, "retrained": retrained},
+        "mia": {"member_split": mia_member_split, "nonmember_split": mia_nonmember_split,
+                "score": "-loss", "note": "0.5 = no membership signal"},
+    }
+
+
+def render_markdown(result: Mapping[str, Any], places: int = 4) -> str:
+    """One table: a row per adapter and split with loss/accuracy/ROUGE-L, recovery ratios, and the MIA AUC."""
+    from eval.report import markdown_table
+
+    rows = []
+    for name, a in result["adapters"].items():
+        for s in result["splits"]:
+            m = a["splits"][s]
+            rec = result["recovery"].get(name, {}).get(s, {})
+            rows.append([name, s, m["n"], m["loss"], m["accuracy"], m["rouge_l"],
+                         rec.get("loss"), rec.get("accuracy"), rec.get("rouge_l"),
+                         a["mia_auc"] if s == result["mia"]["member_split"] else None])
+    ref = result["reference"]
+    head = "# Unlearning evaluation\n\n"
+    if ref["corrupted"]:
+        head += (f"Recovery = (adapter − {ref['corrupted']}) / ({ref['retrained']} − {ref['corrupted']}); "
+                 "1 = matches retraining.\n")
+    head += (f"MIA AUC: ROC AUC of −loss, members = split '{result['mia']['member_split']}', non-members = split "
+             f"'{result['mia']['nonmember_split']}'; 0.5 = no membership signal.\n\n")
+    return head + markdown_table(
+        ["adapter", "split", "n", "loss", "accuracy", "ROUGE-L", "recovery (loss)", "recovery (acc)",
+         "recovery (ROUGE-L)", "MIA AUC"], rows, places)
