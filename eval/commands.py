@@ -1,0 +1,189 @@
+"""File-level runners of the non-judged subcommands: read inputs, compute, write JSONL + JSON + Markdown + manifest.
+
+(The judged MM-Vet run lives in :mod:`eval.mmvet_run`.)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eval.errors import UserError
+from eval.io import (
+    OutDirLock,
+    atomic_write_text,
+    check_out_dir,
+    ensure_out_dir,
+    iter_jsonl,
+    read_json_or_jsonl,
+    write_json,
+    write_jsonl,
+)
+from eval.report import manifest, markdown_table
+
+
+# ----------------------------------------------------------------------------------------------------------- R-Bench
+def run_rbench(
+    questions: Path,
+    predictions: Path,
+    out: Path,
+    subset_ids: Sequence[Path] = (),
+    mode: str = "official",
+    label_field: str = "label",
+    decimal_places: int = 2,
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Score yes/no predictions per id subset and on average; writes ``rbench_*`` files into ``out``."""
+    from eval import rbench
+
+    started = time.time()
+    if mode not in rbench.MODES:
+        raise UserError(f"--mode must be one of {', '.join(rbench.MODES)}, not {mode!r}")
+    check_out_dir(out)
+    qs = rbench.load_questions(questions, label_field)
+    answers, dups = rbench.load_answers(predictions)
+    subsets: dict[str, list[str]] = {}
+    for p in subset_ids:
+        name = Path(p).stem
+        if name in subsets:
+            raise UserError(f"{p}: two subset files share the name {name!r}")
+        subsets[name] = rbench.load_subset_ids(p)
+    if not subsets:
+        subsets = {"all": list(qs)}
+    result = rbench.evaluate(qs, answers, subsets, mode, label_field)
+    result["duplicate_predictions"] = dups
+    result["ignored_predictions"] = sum(1 for k in answers if k not in qs)
+    if result["missing_total"]:
+        warnings.warn(f"{result['missing_total']} question(s) have no prediction; they are listed per subset in "
+                      "rbench_summary.json ('missing_ids') and not scored")
+    if dups:
+        warnings.warn(f"{predictions}: {dups} duplicated question_id(s); the last answer of each was used")
+    out = ensure_out_dir(out)
+    with OutDirLock(out):
+        write_jsonl(out / "rbench_samples.jsonl", rbench.per_question_rows(qs, answers, subsets, label_field))
+        write_json(out / "rbench_summary.json", result)
+        atomic_write_text(out / "rbench_summary.md", render_rbench(result, decimal_places))
+        write_json(out / "rbench_manifest.json", manifest(
+            "rbench", {"questions": questions, "predictions": predictions,
+                       **{f"subset:{Path(p).stem}": p for p in subset_ids}},
+            {"mode": mode, "label_field": label_field, "decimal_places": decimal_places}, started, argv=argv))
+    return result
+
+
+def render_rbench(result: dict[str, Any], places: int = 2) -> str:
+    from eval.rbench import METRICS
+
+    rows = []
+    for name, r in result["subsets"].items():
+        m = r["metrics"]
+        rows.append([name, r["questions"], r["scored"], r["missing"], r["unparseable"] if result["mode"] == "strict"
+                     else "—", *[m[k] for k in METRICS]])
+    if len(result["subsets"]) > 1:
+        rows.append(["**average**", "", "", "", "", *[result["average"][k] for k in METRICS]])
+    text = [f"# Yes/no evaluation ({result['mode']} parsing)", ""]
+    if result["missing_total"]:
+        text.append(f"**{result['missing_total']} question(s) have no prediction** (not scored; ids in "
+                    "rbench_summary.json).")
+    if result["mode"] == "strict" and result["unparseable_total"]:
+        text.append(f"{result['unparseable_total']} answer(s) are neither a clear yes nor a clear no (not scored).")
+    text.append("")
+    text.append(markdown_table(["subset", "questions", "scored", "missing", "unparseable", "accuracy", "precision",
+                                "recall", "F1", "yes ratio"], rows, places))
+    return "\n".join(text)
+
+
+def run_rbench_draw(
+    questions: Path,
+    image_dir: Path,
+    out: Path,
+    kind: str = "box",
+    mask_dir: Path | None = None,
+    sub_color: str = "red",
+    obj_color: str = "green",
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Write ``images/<question_id>.png`` with the drawn instances and ``questions_<kind>.jsonl`` with the rewritten
+    question and image path, ready for a model's answer generation. Returns the number of questions."""
+    from eval.rbench_draw import prepare_instance
+
+    started = time.time()
+    check_out_dir(out)
+    data, _ = read_json_or_jsonl(questions)
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise UserError(f"{questions}: expected a JSON list (or JSON Lines) of questions")
+    for i, rec in enumerate(data, start=1):
+        missing = [k for k in ("question_id", "text", "image", "subject", "object") if not isinstance(rec, dict)
+                   or k not in rec]
+        if missing:
+            raise UserError(f"{questions}: question {i} lacks {', '.join(missing)}")
+    out = ensure_out_dir(out)
+    (out / "images").mkdir(exist_ok=True)
+    rows = []
+    with OutDirLock(out):
+        for rec in data:
+            img, text = prepare_instance(rec, image_dir, kind, mask_dir, sub_color, obj_color)
+            rel = f"images/{rec['question_id']}.png"
+            img.save(out / rel)
+            rows.append({**rec, "text": text, "image": rel, "original_text": rec["text"],
+                         "original_image": rec["image"]})
+        write_jsonl(out / f"questions_{kind}.jsonl", rows)
+        write_json(out / "rbench_draw_manifest.json", manifest(
+            "rbench-draw", {"questions": questions},
+            {"kind": kind, "image_dir": str(image_dir), "mask_dir": str(mask_dir) if mask_dir else None,
+             "sub_color": sub_color, "obj_color": obj_color}, started, argv=argv))
+    return len(rows)
+
+
+# -------------------------------------------------------------------------------------------------------- unlearning
+def parse_named_files(items: Sequence[str]) -> dict[str, Path]:
+    """``["name=path", ...]`` -> ordered ``{name: Path}``."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--records expects NAME=FILE, got {item!r}")
+        if name in out:
+            raise UserError(f"--records: adapter name {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def run_unlearning(
+    records: Sequence[str],
+    out: Path,
+    corrupted: str | None = None,
+    retrained: str | None = None,
+    mia_member_split: str = "forget",
+    mia_nonmember_split: str = "test",
+    decimal_places: int = 4,
+    argv: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Read per-adapter JSONL of per-sample results, compute :func:`eval.unlearning.evaluate_unlearning`, write
+    ``unlearning_summary.{json,md}``, ``unlearning_samples.jsonl`` and a manifest."""
+    from eval.unlearning import evaluate_unlearning, render_markdown, sample_scores
+
+    started = time.time()
+    files = parse_named_files(records)
+    if not files:
+        raise UserError("--records: give at least one NAME=FILE")
+    check_out_dir(out)
+    data = {name: [obj for _, obj in iter_jsonl(path)] for name, path in files.items()}
+    result = evaluate_unlearning(data, corrupted=corrupted, retrained=retrained,
+                                 mia_member_split=mia_member_split, mia_nonmember_split=mia_nonmember_split)
+    out = ensure_out_dir(out)
+    with OutDirLock(out):
+        rows = [{"adapter": name, "id": str(r.get("id")), "split": r.get("split"), **sample_scores(r)}
+                for name, recs in data.items() for r in recs]
+        write_jsonl(out / "unlearning_samples.jsonl", rows)
+        write_json(out / "unlearning_summary.json", result)
+        atomic_write_text(out / "unlearning_summary.md", render_markdown(result, decimal_places))
+        write_json(out / "unlearning_manifest.json", manifest(
+            "unlearning", {f"records:{k}": v for k, v in files.items()},
+            {"corrupted": corrupted, "retrained": retrained, "mia_member_split": mia_member_split,
+             "mia_nonmember_split": mia_nonmember_split}, started, argv=argv))
+    return result
