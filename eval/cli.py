@@ -46,6 +46,13 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h + " (default: %(default)s)"
 
 
+def _nonneg_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise ValueError(text)
+    return v
+
+
 def _nonneg_float(text: str) -> float:
     v = float(text)
     if v < 0:
@@ -58,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser, places: int) -> None:
                    help="YAML file of option values (keys = option names); command-line flags override it")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (created if missing) [required]")
-    p.add_argument("--decimal-places", type=int, default=places, metavar="N",
+    p.add_argument("--decimal-places", type=_nonneg_int, default=places, metavar="N",
                    help="decimals in the Markdown table (JSON keeps full precision)")
 
 
@@ -91,9 +98,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "evaluator used gpt-4-0613 [required]")
     g.add_argument("--base-url", metavar="URL", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 "
                    "(default: the openai package's, i.e. api.openai.com)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="environment variable holding the API key (AZURE_OPENAI_API_KEY is a typical choice with "
-                        "--azure)")
+    g.add_argument("--api-key-env", metavar="VAR",
+                   help="environment variable holding the API key (default: OPENAI_API_KEY, or AZURE_OPENAI_API_KEY "
+                        "with --azure)")
     g.add_argument("--azure", action="store_true", help="use Azure OpenAI (--base-url = the resource endpoint)")
     g.add_argument("--api-version", metavar="V", help="Azure API version (default: 2024-06-01)")
     g.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds per request")
@@ -150,7 +157,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="question file (JSON list or JSONL) with question_id, text, image, label [required]")
     p.add_argument("--predictions", type=Path, metavar="FILE", help="answers JSONL {question_id, text} [required]")
     p.add_argument("--subset-ids", type=Path, nargs="+", default=[], metavar="FILE",
-                   help="id subset files (JSON lists; R-Bench ships five per level); default: one subset of all "
+                   help="id subset files (JSON lists; R-Bench ships five per level; a name with 'holder', as in "
+                        "R-Bench's eval.sh, stands for the files with holder = 1..5); default: one subset of all "
                         "questions")
     p.add_argument("--mode", choices=["official", "strict"], default="official",
                    help="answer parsing: official POPE/R-Bench rule, or strict (unclear answers reported, not 'yes')")
@@ -217,6 +225,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def key_env(args: argparse.Namespace) -> str:
+    """Name of the environment variable that holds the judge's API key."""
+    return args.api_key_env or ("AZURE_OPENAI_API_KEY" if args.azure else "OPENAI_API_KEY")
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.command == "mmvet":
         from eval.mmvet import GradeOptions, MMVetRun, run_mmvet
@@ -230,7 +243,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                retry_suffix=args.retry_suffix),
             unparseable=args.unparseable, rejected=args.rejected, concurrency=args.concurrency, max_failures=args.max_failures,
             max_cost=args.max_cost, timeout=args.timeout, max_retries=args.max_retries,
-            backoff_base=args.backoff_base, backoff_max=args.backoff_max, api_key_env=args.api_key_env,
+            backoff_base=args.backoff_base, backoff_max=args.backoff_max, api_key_env=key_env(args),
             azure=args.azure, api_version=args.api_version, price_table=args.price_table, price_in=args.price_in,
             price_out=args.price_out, cache=args.cache, subset=args.subset, prompt_file=args.prompt_file,
             model_name=args.model_name, decimal_places=args.decimal_places, progress=progress, argv=list(argv),
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = parse_args(argv)
             if args.command == "mmvet":
-                redact = Redactor(os.environ.get(args.api_key_env))
+                redact = Redactor(os.environ.get(key_env(args)))
             return _run(args, argv)
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0

@@ -37,6 +37,8 @@ def _convert(action: argparse.Action, key: str, value: Any, origin: str) -> Any:
             return v
         if v is None:
             return None
+        if isinstance(v, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
+            v = "on" if v else "off"  # YAML reads a bare on/off as a boolean
         if action.type is not None and not isinstance(v, bool):
             try:
                 if action.type in (int, float) and isinstance(v, (int, float)):

@@ -26,6 +26,23 @@ from eval.report import manifest, markdown_table
 
 
 # ----------------------------------------------------------------------------------------------------------- R-Bench
+def expand_holder(paths: Sequence[Path]) -> list[Path]:
+    """R-Bench's eval.sh names its five id files with a ``holder`` placeholder (``..._ids_holder.json``); such a name
+    that does not exist itself stands for the files with ``holder`` replaced by 1..5."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if "holder" in p.name and not p.exists():
+            found = [p.with_name(p.name.replace("holder", str(i))) for i in range(1, 6)]
+            missing = [str(f) for f in found if not f.exists()]
+            if missing:
+                raise UserError(f"{p}: expected the five files {p.name.replace('holder', '1..5')}; missing "
+                                f"{', '.join(missing)}")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
 def run_rbench(
     questions: Path,
     predictions: Path,
@@ -46,6 +63,7 @@ def run_rbench(
     qs = rbench.load_questions(questions, label_field)
     answers, dups = rbench.load_answers(predictions)
     subsets: dict[str, list[str]] = {}
+    subset_ids = expand_holder(subset_ids)
     for p in subset_ids:
         name = Path(p).stem
         if name in subsets:

@@ -383,7 +383,11 @@ def judge_all(
     stop: threading.Event = judge.stop
 
     def work(sid: str, run: int) -> Judgement:
-        j = grade(judge, samples[sid], predictions[sid], run, opts)
+        try:
+            j = grade(judge, samples[sid], predictions[sid], run, opts)
+        except BaseException as e:  # e.g. the cache cannot be written: stop before this worker's next task
+            judge.request_stop("error", repr(e))
+            raise
         if j.status in ("error", "unparseable"):  # counted in the worker so the stop precedes its next task
             with lock:
                 failures[0] += 1

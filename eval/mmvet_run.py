@@ -62,26 +62,27 @@ def _price(cfg: MMVetRun):  # -> Price | None
     return lookup_price(cfg.judge_model, table)
 
 
-def _usage_totals(records: list[dict[str, Any]], runs: int) -> dict[str, Any]:
-    """Tokens and cost of every judge reply the scores rest on (cached or new), total and per run index."""
+def _usage_totals(records: list[dict[str, Any]], runs: int, price: Any) -> dict[str, Any]:
+    """Tokens and cost (at the current price) of every judge reply the scores rest on, cached or new, in total and
+    per run index."""
     by_run: dict[int, dict[str, Any]] = defaultdict(lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                                              "cost_usd": 0.0})
-    unknown_cost = False
     for rec in records:
         b = by_run[int(rec.get("run", 0))]
+        pt, ct = int(rec.get("prompt_tokens") or 0), int(rec.get("completion_tokens") or 0)
         b["requests"] += 1
-        b["prompt_tokens"] += int(rec.get("prompt_tokens") or 0)
-        b["completion_tokens"] += int(rec.get("completion_tokens") or 0)
-        if rec.get("cost") is None:
-            unknown_cost = True
-        else:
-            b["cost_usd"] += float(rec["cost"])
+        b["prompt_tokens"] += pt
+        b["completion_tokens"] += ct
+        b["cost_usd"] += price.cost(pt, ct) if price is not None else 0.0
     rows = [{"run": r, **by_run[r]} for r in range(runs)]
+    if price is None:
+        for r in rows:
+            r["cost_usd"] = None
     return {
         "requests": sum(r["requests"] for r in rows),
         "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
         "completion_tokens": sum(r["completion_tokens"] for r in rows),
-        "cost_usd": None if unknown_cost else sum(r["cost_usd"] for r in rows),
+        "cost_usd": None if price is None else sum(r["cost_usd"] for r in rows),
         "by_run": rows,
     }
 
@@ -225,7 +226,7 @@ def execute(cfg: MMVetRun) -> dict[str, Any]:
                     "cost_usd": meter.spent if price else None,
                     "usage_estimated": meter.estimated_usage,
                 },
-                "all_judgements": _usage_totals(used, cfg.runs),
+                "all_judgements": _usage_totals(used, cfg.runs, price),
                 "price": price.source if price else None,
                 "max_cost": cfg.max_cost,
             },

@@ -158,6 +158,7 @@ def evaluate_subset(
     ids: Sequence[str],
     mode: str = "official",
     label_field: str = "label",
+    name: str = "subset",
 ) -> dict[str, Any]:
     """Metrics of one id subset plus what was left out: ``missing`` (no prediction) and, in strict mode,
     ``unparseable`` ids."""
@@ -165,7 +166,7 @@ def evaluate_subset(
         raise ValueError(f"mode must be one of {MODES}")
     unknown = sorted({i for i in ids if i not in questions})
     if unknown:
-        raise UserError(f"{len(unknown)} subset id(s) are not in the question file, e.g. {unknown[:3]}")
+        raise UserError(f"{name}: {len(unknown)} id(s) are not in the question file, e.g. {unknown[:3]}")
     preds: list[int] = []
     labels: list[int] = []
     missing: list[str] = []
@@ -203,7 +204,7 @@ def evaluate(
     """Per-subset results and their average (mean of each x100 metric over subsets that scored anything)."""
     if not subsets:
         subsets = {"all": list(questions)}
-    per = {name: evaluate_subset(questions, answers, ids, mode, label_field) for name, ids in subsets.items()}
+    per = {name: evaluate_subset(questions, answers, ids, mode, label_field, name) for name, ids in subsets.items()}
     average: dict[str, float | None] = {}
     for m in METRICS:
         vals = [r["metrics"][m] for r in per.values() if r["metrics"][m] is not None]

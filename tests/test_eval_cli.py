@@ -72,6 +72,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     one_line_error(capsys, rbench_argv(tmp_path, **{"--out": str(afile)}), "not a folder")
     one_line_error(capsys, rbench_argv(tmp_path, **{"--out": str(afile / "sub")}), "cannot create output folder")
     one_line_error(capsys, ["rbench", "--questions", "q.json"], "missing required option(s) --predictions, --out")
+    one_line_error(capsys, rbench_argv(tmp_path, **{"--decimal-places": "-1"}), "--decimal-places")
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps([{"question_id": 1, "text": "?", "label": "maybe"}]))
     one_line_error(capsys, rbench_argv(tmp_path, **{"--questions": str(labels)}), "label must be 'yes' or 'no'")
@@ -111,6 +112,7 @@ judge-model: judge-x-0613
 base_url: {srv.url}
 runs: 2
 concurrency: 1
+progress: off
 out: {out}
 """)
         assert main(["mmvet", "--config", str(cfg)]) == 0

@@ -184,3 +184,31 @@ def test_prediction_and_metadata_layouts(tmp_path):
     with pytest.raises(UserError, match="capability"):
         load_metadata(bad)
     assert math.isclose(aggregate({"q": ["a"]}, {"q": [1.0]}, 1)["total"], 100.0)
+
+
+def test_unexpected_error_stops_the_pool_instead_of_draining_it():
+    import threading
+
+    from eval.judge import JudgeStopped
+    from eval.mmvet import judge_all
+
+    class Breaks:
+        def __init__(self):
+            self.stop, self.calls = threading.Event(), 0
+
+        def request_stop(self, reason, message):
+            self.stop.set()
+
+        def ask(self, prompt, **kw):
+            if self.stop.is_set():
+                raise JudgeStopped("stopped")
+            self.calls += 1
+            if self.calls == 2:
+                raise OSError("disk full")
+            return Completion("0.5", "m"), False
+
+    samples = {f"s{i}": MMVetSample(f"s{i}", "Q", "A", ("rec",)) for i in range(6)}
+    judge = Breaks()
+    with pytest.raises(OSError, match="disk full"):
+        judge_all(judge, samples, {k: "p" for k in samples}, 2, GradeOptions(), concurrency=1)
+    assert judge.stop.is_set() and judge.calls == 2

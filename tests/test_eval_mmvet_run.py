@@ -309,10 +309,11 @@ def test_concurrency_is_bounded(tmp_path, capsys, key_env):
 def test_mmvet_v2_and_azure_endpoint(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     with FakeOpenAI() as srv:
-        monkeypatch.setenv("AZ_KEY", srv.key)
+        monkeypatch.setenv("AZURE_OPENAI_API_KEY", srv.key)  # the default key variable with --azure
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
         argv = ["mmvet", "--metadata", str(FIX / "mmvet_v2_small.json"), "--predictions",
                 str(FIX / "mmvet_v2_small_predictions.jsonl"), "--judge-model", "judge-x-0613", "--azure",
-                "--base-url", srv.url.removesuffix("/v1"), "--api-key-env", "AZ_KEY", "--out", str(out)]
+                "--base-url", srv.url.removesuffix("/v1"), "--out", str(out)]
         rc, _, err = run(argv, capsys)
     assert rc == 0, err
     assert all(r["path"].startswith("/openai/deployments/judge-x-0613/chat/completions?api-version=")

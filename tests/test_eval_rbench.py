@@ -119,6 +119,24 @@ def test_rbench_cli_writes_tables_and_reports_missing(tmp_path, capsys):
     assert s["unparseable_total"] == 1 and s["average"]["accuracy"] == pytest.approx(50.0)
 
 
+def test_holder_name_stands_for_the_five_subset_files(tmp_path, capsys):
+    for i in range(1, 6):
+        (tmp_path / f"lvl_ids_{i}.json").write_text(json.dumps([i, i + 1, i + 2]))
+    rc = main(["rbench", "--questions", str(FIX / "rbench_questions.json"), "--predictions",
+               str(FIX / "rbench_answers.json"), "--subset-ids", str(tmp_path / "lvl_ids_holder.json"),
+               "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "out" / "rbench_summary.json").read_text())
+    assert list(s["subsets"]) == [f"lvl_ids_{i}" for i in range(1, 6)]
+    # subset 1 = ids 1,2,3 -> TP, TN, FN: accuracy 2/3
+    assert s["subsets"]["lvl_ids_1"]["metrics"]["accuracy"] == pytest.approx(200 / 3)
+    (tmp_path / "lvl_ids_5.json").unlink()
+    rc = main(["rbench", "--questions", str(FIX / "rbench_questions.json"), "--predictions",
+               str(FIX / "rbench_answers.json"), "--subset-ids", str(tmp_path / "lvl_ids_holder.json"),
+               "--out", str(tmp_path / "out")])
+    assert rc == 2 and "lvl_ids_5.json" in capsys.readouterr().err
+
+
 RECORD = {"question_id": 11, "image": "im.png", "text": "Is the man riding the horse?", "subject": "Man",
           "object": "horse", "sub_box": [0.1, 0.1, 0.5, 0.5], "obj_box": [0.5, 0.5, 0.9, 0.9], "label": "yes"}
 
