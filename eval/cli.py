@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +21,14 @@ from eval.judge import Redactor
 
 PROG = "python -m eval"
 
-EPILOG = ("Every option can also come from --config FILE (YAML: option names as keys, with - or _); flags given on "
-          "the command line win. Exit codes: 0 ok, 1 run stopped/failed judgements (rerun resumes), 2 user error, "
-          "3 --max-cost reached, 130 interrupted.")
+EPILOG = textwrap.fill(
+    "Every option can also come from --config FILE (YAML: option names as keys, with - or _); flags given on the "
+    "command line win. Exit codes: 0 ok, 1 run stopped/failed judgements (rerun resumes), 2 user error, 3 --max-cost "
+    "reached, 130 interrupted.", width=100)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=100)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +82,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     # --- mmvet
     p = sub.add_parser("mmvet", help="judge MM-Vet / MM-Vet v2 predictions with an OpenAI-compatible LLM",
-                       formatter_class=_HelpFormatter, epilog=EPILOG, description=(
+                       formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Grade open-ended predictions with an LLM judge as the official MM-Vet evaluator does "
                            "(few-shot prompt, temperature 0, 3 tokens, parse retries at rising temperature, N runs, "
                            "per-capability and per-combination scores). Answers are cached in <out>/judge_cache.jsonl "
@@ -148,7 +154,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     # --- rbench
     p = sub.add_parser("rbench", help="R-Bench / POPE yes-no metrics per id subset and averaged",
-                       formatter_class=_HelpFormatter, epilog=EPILOG, description=(
+                       formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Accuracy, precision, recall, F1 and yes-ratio (x100) of yes/no answers, per id subset "
                            "and averaged over subsets, with the official POPE/R-Bench parsing rule or a strict one "
                            "that reports unclear answers separately. Questions without a prediction are reported."))
@@ -182,7 +188,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     # --- unlearning
     p = sub.add_parser("unlearning", help="loss/accuracy/ROUGE-L per split, recovery ratio and MIA AUC per adapter",
-                       formatter_class=_HelpFormatter, epilog=EPILOG, description=(
+                       formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Reads one JSONL of per-sample results per adapter (id, split, loss, and optionally "
                            "prediction/reference/correct) and writes one table."))
     subs["unlearning"] = p

@@ -344,8 +344,9 @@ class Judge:
             return _completion_from_record(hit), True
         if self.stop.is_set():
             raise JudgeStopped(self.stop_reason or "stopped")
+        prompt_bytes = len(prompt.encode("utf-8"))
         try:
-            reservation = self.meter.reserve(len(prompt), max_tokens)
+            reservation = self.meter.reserve(prompt_bytes, max_tokens)
         except CostCapReached as e:
             self.request_stop("cost", str(e))
             raise JudgeStopped("cost") from None
@@ -355,9 +356,10 @@ class Judge:
             self.meter.release(reservation)
             raise
         estimated = comp.prompt_tokens is None or comp.completion_tokens is None
-        pt = comp.prompt_tokens if comp.prompt_tokens is not None else -(-len(prompt) // 4)
+        # no usage in the reply: bill the upper bound (one token per byte, all max_tokens) rather than guess low
+        pt = comp.prompt_tokens if comp.prompt_tokens is not None else prompt_bytes
         ct = comp.completion_tokens if comp.completion_tokens is not None else max_tokens
-        cost = self.meter.settle(reservation, pt, ct, estimated)
+        cost = self.meter.settle(reservation, pt, ct, estimated, prompt_bytes)
         record = {
             "judge_model": self.model,
             "response_model": comp.model,

@@ -82,9 +82,17 @@ class CostCapReached(Exception):
     """Raised by :meth:`CostMeter.reserve` when the next request could push spending past ``max_cost``."""
 
 
+CHAT_OVERHEAD_TOKENS = 16  # role markers and message framing the server adds to the prompt
+
+
 class CostMeter:
-    """Counts tokens and dollars of this invocation; reserves an estimate per in-flight request so that
-    concurrent workers never overshoot ``max_cost``."""
+    """Counts tokens and dollars of this invocation and keeps it under ``max_cost``.
+
+    Each request reserves an *upper bound* of its cost before it is sent, so concurrent workers never overshoot:
+    one prompt token per UTF-8 byte (byte-level BPE tokenizers never produce more) plus framing, and the full
+    ``max_tokens`` of completion. Should a server bill more tokens per byte than that, the highest ratio seen is used
+    from then on. The price of this guarantee: the run may stop up to about one request's bound below the cap.
+    """
 
     def __init__(self, price: Price | None, max_cost: float | None = None) -> None:
         if max_cost is not None and price is None:
@@ -99,19 +107,19 @@ class CostMeter:
         self.completion_tokens = 0
         self.requests = 0
         self.estimated_usage = 0
+        self._tokens_per_byte = 1.0
 
-    def estimate(self, prompt_chars: int, max_tokens: int) -> float:
-        """Expected cost of one request: the mean observed so far, else ~4 characters per prompt token."""
+    def upper_bound(self, prompt_bytes: int, max_tokens: int) -> float:
+        """Most one request can cost (see the class docstring)."""
         if self.price is None:
             return 0.0
-        if self.requests:
-            return self.spent / self.requests
-        return self.price.cost(math.ceil(prompt_chars / 4), max_tokens)
+        tokens = math.ceil(self._tokens_per_byte * prompt_bytes) + CHAT_OVERHEAD_TOKENS
+        return self.price.cost(tokens, max_tokens)
 
-    def reserve(self, prompt_chars: int, max_tokens: int) -> float:
-        """Book the estimate of one request, or raise CostCapReached if it would not fit under ``max_cost``."""
+    def reserve(self, prompt_bytes: int, max_tokens: int) -> float:
+        """Book the upper bound of one request, or raise CostCapReached if it might not fit under ``max_cost``."""
         with self._lock:
-            est = self.estimate(prompt_chars, max_tokens)
+            est = self.upper_bound(prompt_bytes, max_tokens)
             if self.max_cost is not None and self.spent + self._reserved + est > self.max_cost:
                 raise CostCapReached(
                     f"cost cap reached: spent ${self.spent:.4f} of --max-cost ${self.max_cost:.4f} "
@@ -124,10 +132,14 @@ class CostMeter:
         with self._lock:
             self._reserved -= reservation
 
-    def settle(self, reservation: float, prompt_tokens: int, completion_tokens: int, estimated: bool) -> float:
+    def settle(self, reservation: float, prompt_tokens: int, completion_tokens: int, estimated: bool,
+               prompt_bytes: int = 0) -> float:
         """Replace a reservation by the real usage; returns this request's cost (0.0 without a price)."""
         cost = self.price.cost(prompt_tokens, completion_tokens) if self.price else 0.0
         with self._lock:
+            if prompt_bytes > 0:
+                self._tokens_per_byte = max(self._tokens_per_byte,
+                                            (prompt_tokens - CHAT_OVERHEAD_TOKENS) / prompt_bytes)
             self._reserved -= reservation
             self.spent += cost
             self.prompt_tokens += prompt_tokens

@@ -131,12 +131,13 @@ def test_cache_skips_a_torn_last_line_and_keeps_appending_cleanly(tmp_path):
 def test_cost_meter_reserves_and_caps(tmp_path):
     price = Price(1000.0, 0.0, "test")  # 1000 prompt tokens cost $1
     meter = CostMeter(price, max_cost=2.5)
-    with FakeOpenAI(usage=(1000, 1)) as srv:
+    with FakeOpenAI(usage=(1000, 1)) as srv:  # bills 1000 tokens for a 7-byte prompt: more than one per byte
         judge = make_judge(srv, tmp_path, meter=meter)
         ask(judge, "a #0.1#")
+        assert meter.upper_bound(7, 3) == pytest.approx(1.0, abs=2e-3)  # learnt: the bound now covers what it bills
         ask(judge, "b #0.2#")
         with pytest.raises(JudgeStopped):
-            ask(judge, "c #0.3#")  # 2.0 spent + ~1.0 expected > 2.5
+            ask(judge, "c #0.3#")  # 2.0 spent + 1.0 bound > 2.5
     assert len(srv.requests) == 2 and meter.spent == pytest.approx(2.0)
     assert judge.stop_reason == "cost" and meter.prompt_tokens == 2000 and meter.completion_tokens == 2
     assert json.loads((tmp_path / "cache.jsonl").read_text().splitlines()[0])["cost"] == pytest.approx(1.0)
@@ -145,17 +146,18 @@ def test_cost_meter_reserves_and_caps(tmp_path):
 
 
 def test_concurrent_reservations_never_overshoot():
-    meter = CostMeter(Price(1e6, 0.0, "test"), max_cost=5.0)  # each request: 1 token = $1 once observed
+    meter = CostMeter(Price(50_000.0, 0.0, "test"), max_cost=5.0)  # 20 tokens = $1
+    assert meter.upper_bound(4, 0) == pytest.approx(1.0)  # 4 bytes + 16 framing tokens
     granted = []
 
     def worker():
         try:
-            r = meter.reserve(prompt_chars=4, max_tokens=0)  # estimate $1
+            r = meter.reserve(prompt_bytes=4, max_tokens=0)
         except Exception:
             return
         granted.append(r)
         time.sleep(0.01)
-        meter.settle(r, 1, 0, estimated=False)
+        meter.settle(r, 20, 0, estimated=False, prompt_bytes=4)
 
     threads = [threading.Thread(target=worker) for _ in range(20)]
     for t in threads:

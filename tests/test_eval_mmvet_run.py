@@ -275,9 +275,11 @@ def test_retry_after_and_timeout_through_the_cli(tmp_path, capsys, key_env):
 def test_cost_cap_stops_cleanly_and_resumes(tmp_path, capsys, key_env):
     out = tmp_path / "out"
     price = ["--price-in", "1000", "--price-out", "0"]  # the server reports 1000 prompt tokens: $1 per request
+    # before sending, each request reserves its upper bound: (1640..1700 prompt bytes + 16) tokens = $1.66..1.72;
+    # with $4.2 the third request fits (2 + 1.7) and a fourth would not (3 + 1.7)
     with FakeOpenAI(usage=(1000, 1)) as srv:
         key_env(srv)
-        rc, _, err = run(mmvet_argv(srv, out, *price, "--max-cost", "3.5"), capsys)
+        rc, _, err = run(mmvet_argv(srv, out, *price, "--max-cost", "4.2"), capsys)
         assert rc == 3 and "cost cap" in err and "resume" in err
         assert len(srv.requests) == 3
         s = summary(out)
@@ -292,6 +294,20 @@ def test_cost_cap_stops_cleanly_and_resumes(tmp_path, capsys, key_env):
     assert s["usage"]["all_judgements"]["cost_usd"] == pytest.approx(12.0)
     assert [r["cost_usd"] for r in s["usage"]["all_judgements"]["by_run"]] == pytest.approx([6.0, 6.0])
     assert s["scores"]["total"] == pytest.approx(50.0)
+
+
+def test_cost_cap_holds_with_concurrent_requests(tmp_path, capsys, key_env):
+    preds = constant_predictions(tmp_path, "0.5")
+    out = tmp_path / "out"
+    with FakeOpenAI(usage="bytes", delay=0.02) as srv:  # bills one token per prompt byte (+16): the worst case
+        key_env(srv)
+        argv = mmvet_argv(srv, out, "--price-in", "1000", "--price-out", "1000", "--max-cost", "10", preds=preds)
+        argv[argv.index("--concurrency") + 1] = "4"
+        rc, _, err = run(argv, capsys)
+    assert rc == 3, err
+    spent = summary(out)["usage"]["this_invocation"]["cost_usd"]
+    per_request = spent / len(srv.requests)  # ~ $1.7
+    assert spent <= 10.0 and spent > 10.0 - 2 * per_request and srv.max_in_flight >= 2
 
 
 def test_concurrency_is_bounded(tmp_path, capsys, key_env):
