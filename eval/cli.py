@@ -75,8 +75,9 @@ def _add_common(p: argparse.ArgumentParser, places: int) -> None:
                    help="decimals in the Markdown table (JSON keeps full precision)")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=_HelpFormatter, epilog=EPILOG)
+def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (the latter validate ``--config`` keys)."""
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=_HelpFormatter, epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="{mmvet,rbench,rbench-draw,unlearning}", parser_class=_Parser)
     subs: dict[str, argparse.ArgumentParser] = {}
 
@@ -212,14 +213,14 @@ _REQUIRED = {
 }
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+def parse_args(argv: Sequence[str], prog: str = PROG) -> argparse.Namespace:
     """Parse flags over config-file values; required options are checked after the merge."""
     from eval.cli_config import config_defaults
 
-    parser, subs = build_parser()
+    parser, subs = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:
-        raise UserError(f"{PROG}: choose a command: mmvet, rbench, rbench-draw or unlearning (see --help)")
+        raise UserError(f"{prog}: choose a command: mmvet, rbench, rbench-draw or unlearning (see --help)")
     if getattr(args, "config", None) is not None:
         sp = subs[args.command]
         sp.set_defaults(**config_defaults(sp, args.config, args.command))
@@ -227,7 +228,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     missing = [d for d in _REQUIRED[args.command] if getattr(args, d) in (None, [])]
     if missing:
         flags = ", ".join("--" + d.replace("_", "-") for d in missing)
-        raise UserError(f"{PROG} {args.command}: missing required option(s) {flags} (flag or config key)")
+        raise UserError(f"{prog} {args.command}: missing required option(s) {flags} (flag or config key)")
     return args
 
 
@@ -291,8 +292,11 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, file:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (see the module docstring) instead of raising."""
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Entry point; returns the exit code (see the module docstring) instead of raising.
+
+    ``prog`` names the command in usage and error lines (``mmerase eval`` when dispatched from mmerase's CLI).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -300,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _show_warning
         redact = Redactor()
         try:
-            args = parse_args(argv)
+            args = parse_args(argv, prog)
             if args.command == "mmvet":
                 redact = Redactor(os.environ.get(key_env(args)))
             return _run(args, argv)

@@ -35,6 +35,13 @@ def test_help_explains_every_option_with_its_default(command, capsys):
             assert f"(default: {action.default})" in text, action.dest
 
 
+def test_prog_name_for_mmerase_eval_dispatch(capsys):
+    assert main(["rbench"], prog="mmerase eval") == 2
+    assert capsys.readouterr().err.startswith("error: mmerase eval rbench: missing required option(s)")
+    assert main(["--help"], prog="mmerase eval") == 0
+    assert capsys.readouterr().out.startswith("usage: mmerase eval ")
+
+
 def test_python_dash_m_eval_works():
     r = subprocess.run([sys.executable, "-m", "eval", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "mmvet" in r.stdout and "unlearning" in r.stdout
