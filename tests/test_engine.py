@@ -455,3 +455,33 @@ def test_apply_adds_delta_in_place():
     eng.apply(res.delta)
     for n, p, p0 in zip(eng.names, eng.params, before):
         assert torch.equal(p.detach(), p0 + res.delta[n])
+
+
+# ----------------------------------------------------------------------------- Newton refinement (issue 6)
+def test_refinement_zero_steps_is_the_plain_update(logreg):
+    model, data = logreg
+    eng = InfluenceEngine(model, logreg_loss, data)
+    edits = [Edit(old=data[i], new=(data[i][0], 1 - data[i][1])) for i in range(0, 600, 20)]
+    plain = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, stationarity_check=False))
+    checked = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=0))
+    assert all(torch.equal(plain.delta[n], checked.delta[n]) for n in eng.names)
+    assert checked.info["refinement"][0]["newton_step"] == 1
+
+
+def test_two_refinement_steps_reach_exact_retraining_for_a_5pct_label_flip(logreg):
+    model, data = logreg
+    flip = list(range(0, 600, 20))  # 5%
+    edited = [(s[0], 1 - s[1]) if i in flip else s for i, s in enumerate(data)]
+    ref = _retrain_delta(model, edited)
+    eng = InfluenceEngine(model, logreg_loss, data)
+    edits = [Edit(old=data[i], new=edited[i]) for i in flip]
+    errors, gaps = [], []
+    for k in range(3):
+        res = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=k, batch_size=200))
+        got = V.flatten([res.delta[n] for n in eng.names])
+        errors.append(float((got - ref).norm() / ref.norm()))
+        gaps.append(res.info["stationarity_gap"])
+    assert errors[2] < 0.01, errors
+    assert errors[0] > errors[1] > errors[2] and gaps[0] > gaps[1] > gaps[2], (errors, gaps)
+    # parameters untouched by solve()
+    assert torch.equal(model.lin.weight, eng.params[0])

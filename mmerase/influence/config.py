@@ -41,6 +41,9 @@ class SolverConfig:
     ggn_jvp:     how 'ggn' computes J·v: 'autograd' (exact, double backward) or 'fd' (first-order passes only).
     dense_max_params: 'dense' refuses models with more trainable parameters than this.
     divergence_factor: a stochastic solver whose residual exceeds this is stopped with an error.
+    refine_steps: Newton refinement steps after the influence update (0: the plain update), each one
+                 gradient pass over the curvature set plus a solve.
+    stationarity_check: compute the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes).
     progress:    show a progress bar (None: only on a terminal).
     """
 
@@ -60,6 +63,8 @@ class SolverConfig:
     ggn_jvp: str = "autograd"
     dense_max_params: int = 4096
     divergence_factor: float = 1e3
+    refine_steps: int = 0
+    stationarity_check: bool = True
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -73,6 +78,8 @@ class SolverConfig:
         for name in ("max_steps", "batch_size", "eval_every", "dense_max_params"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if int(self.refine_steps) < 0:
+            raise ValueError(f"refine_steps must be ≥ 0, got {self.refine_steps}")
         for name in ("residual_samples", "curvature_samples"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:

@@ -48,6 +48,19 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _Indexed:
+    """A read-only view ``data[indices]`` of a sequence."""
+
+    def __init__(self, data: Sequence, indices: Sequence[int]) -> None:
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[self.indices[i]]
+
+
 class _Problem:
     """(H + λI) restricted to a sample set, with product counting; implements solvers.LinearProblem."""
 
@@ -240,13 +253,29 @@ class InfluenceEngine:
         return sorted(torch.randperm(self.n, generator=g)[:size].tolist())
 
     # ----------------------------------------------------------------- the solve
+    def mean_gradient(self, indices: Sequence[int], batch_size: int) -> V.Vec:
+        """∇ of the mean training loss over ``indices`` at the current parameters."""
+        with self._inference_mode():
+            total = self.gradient_sum(_Indexed(self.train_set, indices), batch_size, "training sample")
+        return V.scale(1.0 / len(indices), total)
+
     def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None) -> SolveResult:
         """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ.
 
+        With ``config.refine_steps = K`` it then takes K Newton steps on the stationarity-corrected edited
+        objective R̃_E(θ) = R(θ) − ∇R(θ̂)ᵀ(θ − θ̂) + (1/n) Σ_E [L(z_new; θ) − L(z_old; θ)] + (λ/2)‖θ − θ̂‖²,
+        whose gradient at θ̂ is −b, so the first step is exactly the plain influence update and the later ones
+        remove only the edit's higher-order (Taylor) error: not the adapter's distance from a training optimum
+        (the correction term) and not the damping (kept as a proximal term; otherwise refinement would walk
+        towards the undamped solution along the flat directions that damping exists to hold back).
+        ``result.info['stationarity_gap']`` = ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit.
+
         Raises :class:`InfluenceError` for bad input, ``NotPositiveDefiniteError`` when CG meets non-positive
-        curvature, ``SolverDivergedError`` on NaN/inf or divergence; never returns a diverged δ.
+        curvature, ``SolverDivergedError`` on NaN/inf or divergence; never returns a diverged δ. The model's
+        parameters are unchanged on return (use :meth:`apply`).
         """
         config = config or SolverConfig()
+        edits = self._check_edits(edits)
         t0 = time.perf_counter()
         curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp)
         b = self.edit_gradient(edits, config.batch_size)
@@ -257,22 +286,62 @@ class InfluenceEngine:
         resid_idx = curv_idx if config.residual_samples is None else \
             sorted(self._subset(config.residual_samples, config.seed + 1) if config.curvature_samples is None
                    else curv_idx[: config.residual_samples])
+        info: dict[str, Any] = {"n_train": self.n, "n_edits": len(edits), "curvature_set": len(curv_idx),
+                                "residual_set": len(resid_idx)}
         if b_norm == 0.0:  # identical old and new samples: nothing to change
-            out_x, residual, converged, steps, history, info = V.zeros_like(b), 0.0, True, 0, [], {"note": "b = 0"}
-            product_samples = 0
-        else:
-            problem = _Problem(self, curv, config, b, curv_idx, resid_idx)
-            with self._inference_mode():
-                out = SOLVERS[config.method](problem, config)
-            out_x, residual, converged, steps, history, info = (out.x, out.residual, out.converged, out.steps,
-                                                                 out.history, out.info)
-            product_samples = problem.product_samples
-        delta = {n: x.detach().clone() for n, x in zip(self.names, out_x)}
-        return SolveResult(delta=delta, residual=residual, converged=converged, steps=steps, history=history,
-                           b_norm=b_norm, delta_norm=V.norm(out_x), product_samples=product_samples,
-                           wall_time=time.perf_counter() - t0, config=config.to_dict(),
-                           info={**info, "n_train": self.n, "n_edits": len(list(edits)),
-                                 "curvature_set": len(curv_idx), "residual_set": len(resid_idx)})
+            zero = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
+            return SolveResult(zero, 0.0, True, 0, [], 0.0, 0.0, 0, time.perf_counter() - t0, config.to_dict(),
+                               {**info, "note": "b = 0: the edits do not change the objective"})
+
+        out, samples = self._linear_solve(curv, config, b, curv_idx, resid_idx)
+        x, history, steps = out.x, [dict(h, newton_step=1) for h in out.history], out.steps
+        info.update(out.info)
+        need_gap = config.refine_steps > 0 or config.stationarity_check
+        if need_gap:
+            g_hat = self.mean_gradient(curv_idx, config.batch_size)  # ∇R(θ̂), removed by the correction
+            saved = [p.detach().clone() for p in self.params]
+            refinement = []
+            try:
+                for k in range(config.refine_steps + 1):
+                    t_k = time.perf_counter()
+                    self._set_params(saved, x)
+                    grad = V.sub(V.sub(self.mean_gradient(curv_idx, config.batch_size), g_hat),
+                                 self.edit_gradient(edits, config.batch_size))  # ∇R̃_E(θ̂ + x)
+                    if config.damping:  # the damping is a proximal term (λ/2)‖θ − θ̂‖² of the objective
+                        grad = V.axpy(config.damping, x, grad)
+                    gap = V.norm(grad) / b_norm
+                    refinement.append({"newton_step": k + 1, "stationarity_gap": gap})
+                    if k == config.refine_steps:
+                        break
+                    step_out, step_samples = self._linear_solve(curv, config, V.scale(-1.0, grad), curv_idx,
+                                                                resid_idx)
+                    samples += step_samples
+                    x = V.add(x, step_out.x)
+                    out = step_out
+                    steps += step_out.steps
+                    history += [dict(h, newton_step=k + 2) for h in step_out.history]
+                    refinement[-1].update(residual=step_out.residual, seconds=time.perf_counter() - t_k)
+            finally:
+                self._set_params(saved, None)
+            info["stationarity_gap"] = refinement[-1]["stationarity_gap"]
+            info["refinement"] = refinement
+        delta = {n: t.detach().clone() for n, t in zip(self.names, x)}
+        return SolveResult(delta=delta, residual=out.residual, converged=out.converged, steps=steps, history=history,
+                           b_norm=b_norm, delta_norm=V.norm(x), product_samples=samples,
+                           wall_time=time.perf_counter() - t0, config=config.to_dict(), info=info)
+
+    def _linear_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
+                      resid_idx: list[int]) -> tuple[Any, int]:
+        problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx)
+        with self._inference_mode():
+            out = SOLVERS[config.method](problem, config)
+        return out, problem.product_samples
+
+    def _set_params(self, base: V.Vec, offset: V.Vec | None) -> None:
+        """θ ← base (+ offset), exactly."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(base[i] if offset is None else base[i] + offset[i])
 
     def apply(self, delta: dict[str, torch.Tensor] | V.Vec, alpha: float = 1.0) -> None:
         """θ ← θ + alpha·δ in place."""
