@@ -298,3 +298,38 @@ def test_same_engine_solve_serves_both_families(family, llava64, llama64, mixed_
     assert result.residual < 1e-8 and result.converged and result.steps < 60
     assert list(result.delta) == list(bundle.trainable_parameters())
     assert all(torch.isfinite(t).all() for t in result.delta.values())
+
+
+def test_gradient_checkpointing_keeps_exact_hvps(tiny_llava_dir, mixed_samples):
+    """Non-reentrant checkpointing (active in train mode) gives the same double-backward HVP as without it."""
+    hvps = []
+    for ckpt in (False, True):
+        b = load_model(tiny_llava_dir, lora=LoraSettings(r=4), options=LoadOptions(
+            dtype="float64", device="cpu", gradient_checkpointing=ckpt))
+        _perturb_lora_b(b.model)
+        b.model.train()
+        params = list(b.trainable_parameters().values())
+        g = torch.Generator().manual_seed(3)
+        v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+        grads = torch.autograd.grad(b.loss_fn(b.model, b.collate(mixed_samples[:4])), params, create_graph=True)
+        hvps.append(torch.autograd.grad(sum((gr * t).sum() for gr, t in zip(grads, v)), params))
+        assert b.model.get_base_model().model.language_model.gradient_checkpointing is ckpt
+    assert _rel(hvps[1], hvps[0]) < 1e-12
+
+
+def test_bfloat16_base_keeps_trainable_parameters_float32(tiny_llava_dir, tmp_path, mixed_samples):
+    b = load_model(tiny_llava_dir, lora=LoraSettings(r=4, train_projector=True),
+                   options=LoadOptions(dtype="bfloat16", device="cpu"))
+    base = b.model.get_base_model()
+    assert base.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in b.trainable_parameters().values()} == {torch.float32}
+    _perturb_lora_b(b.model)
+    with torch.no_grad():
+        for n, p in b.trainable_parameters().items():
+            if "multi_modal_projector" in n:
+                p.add_(1e-4)  # not representable in bfloat16 around these values
+    again = load_model(tiny_llava_dir, adapter=b.save_adapter(tmp_path / "ad"),
+                       options=LoadOptions(dtype="bfloat16", device="cpu"))
+    before, after = b.trainable_parameters(), again.trainable_parameters()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(b.per_sample_losses(mixed_samples), again.per_sample_losses(mixed_samples))

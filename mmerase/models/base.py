@@ -81,7 +81,8 @@ class LoadOptions:
     """How to load a base model.
 
     ``exact_hvp`` forces eager attention (SDPA/flash kernels have no double backward, so exact Hessian-vector
-    products need eager). ``quantization="nf4"`` loads the base's linear layers 4-bit through bitsandbytes (compute
+    products need eager). ``gradient_checkpointing`` is non-reentrant (double backward works through it); like
+    transformers' own, it is active only while the model is in training mode. ``quantization="nf4"`` loads the base's linear layers 4-bit through bitsandbytes (compute
     in ``dtype``). ``device=None`` picks CUDA when available.
     """
 
@@ -236,16 +237,21 @@ class ModelBundle:
         path = str(path)
         tokenizer, processor = cls._load_processor(path, options)
         base = cls._load_base(path, options)
+        dtype = options.torch_dtype()
         if adapter is not None:
             model = load_adapter(base, adapter, base_name=path)
         else:
             model = cls._attach_lora(base, lora or LoraSettings())
-        dtype = options.torch_dtype()
+            upcast_trainable(model)
         if dtype == torch.float64:  # peft creates adapters in float32; keep everything float64 for exact checks
             model.to(torch.float64)
-        if options.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        if options.gradient_checkpointing:  # non-reentrant: the only kind that supports double backward
+            base = model.get_base_model()
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.2x name
+                base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
         return cls(model, tokenizer, processor, base_path=path, options=options)
 
     @classmethod
@@ -543,8 +549,37 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, *, base_name: str = "
     weights = adapter_dir / "adapter_model.safetensors"
     state = load_file(str(weights)) if weights.is_file() else torch.load(
         adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    upcast_trainable(model)  # before loading, so float32 weights are not rounded through bfloat16
     set_peft_model_state_dict(model, state)
     return model
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def upcast_trainable(model: nn.Module) -> int:
+    """Keep trainable parameters in float32 when the base computes in float16/bfloat16.
+
+    peft already creates LoRA weights in float32; a trainable copy of a base module (``modules_to_save``, e.g. the
+    LLaVA projector) would stay in half precision. Such modules get float32 weights, cast their inputs to float32
+    and their output back to the half dtype, so the frozen base around them is unchanged. Returns how many modules.
+    """
+    count = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype in _HALF]
+        if not own:
+            continue
+        half = own[0].dtype
+        for p in own:
+            p.data = p.data.float()
+        module.register_forward_pre_hook(
+            lambda _m, args, kwargs: (tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+                                            for a in args), kwargs), with_kwargs=True)
+        module.register_forward_hook(
+            lambda _m, _args, out, half=half: out.to(half) if torch.is_tensor(out) and out.is_floating_point()
+            else out)
+        count += 1
+    return count
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

@@ -68,7 +68,10 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0, **text_overrides
     """
     from transformers import (CLIPVisionConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
                               LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:  # transformers ≥ 5: the PIL backend (no torchvision needed)
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
@@ -89,7 +92,7 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0, **text_overrides
                                  image_seq_length=(16 // 4) ** 2, vision_feature_layer=-1,
                                  vision_feature_select_strategy="default", projector_hidden_act="gelu")
             model = LlavaForConditionalGeneration(config)
-            image_processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+            image_processor = ImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
             processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=4,
                                        vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                        chat_template=TINY_CHAT_TEMPLATE)
