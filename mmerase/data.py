@@ -43,7 +43,7 @@ class Sample:
     id: str
     conversations: list[dict[str, str]]
     image_path: Path | None = None
-    image: Image.Image | None = field(default=None, repr=False, compare=False)
+    image: Image.Image | None = field(default=None, repr=False)
 
     @property
     def has_image(self) -> bool:

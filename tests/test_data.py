@@ -123,6 +123,9 @@ def test_modify_sample_query_image_response(folder):
     pil = Image.new("RGB", (16, 16), (0, 255, 0))
     new = modify_sample(old, image=pil, query="<image>\nWhat colour?")
     assert new.load_image().getpixel((3, 3)) == (0, 255, 0) and new.query == "<image>\nWhat colour?"
+    same_text = modify_sample(old, image=pil)
+    assert same_text != modify_sample(old, image=Image.new("RGB", (16, 16), (0, 0, 0)))  # images take part in ==
+    assert same_text == modify_sample(old, image=pil.copy())
     assert modify_sample(old, response="crimson").response == "crimson"
     assert old.response == "red"
     with pytest.raises(DataError, match=r"edit of sample '1': field 'image' is set but no turn contains the <image> "
