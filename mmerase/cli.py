@@ -70,6 +70,8 @@ SOLVER_OPTS = [
     Opt("--lr", "Adam step of the stochastic solver (default: from the problem's scale)", None, _optional_float),
     Opt("--curvature-samples", "products over a fixed random subset of this many training samples "
         "(default: all)", None, _optional_int),
+    Opt("--refine-steps", "Newton refinement steps after the influence update (each: one gradient pass + a solve)",
+        0, int),
 ]
 LORA_OPTS = [
     Opt("--lora-r", "LoRA rank", 8, int),
@@ -128,7 +130,8 @@ def _cmd_unlearn(a: argparse.Namespace) -> int:
 
     solver = SolverConfig(method=a.solver, curvature=a.curvature, damping=a.damping, tol=a.tol,
                           batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed, lr=a.lr,
-                          curvature_samples=a.curvature_samples, progress=a.progress)
+                          curvature_samples=a.curvature_samples, refine_steps=a.refine_steps,
+                          progress=a.progress)
     outcome = run_unlearn(a.base, a.adapter, a.data, a.edits, a.out, solver=solver,
                           options=_load_options(a, exact=a.curvature in ("hessian", "ggn")))
     r = outcome.result
@@ -152,7 +155,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
     tasks = ("rc", "qm", "ir") if a.task == "all" else (a.task,)
     cfg = DemoConfig(tasks=tasks, seed=a.seed, quick=a.quick, corruption=a.corruption, solver=a.solver,
-                     curvature=a.curvature, damping=a.damping, progress=a.progress)
+                     curvature=a.curvature, damping=a.damping, refine_steps=a.refine_steps, progress=a.progress)
     report = run_demo(a.out, cfg)
     print(f"demo report written to {report['out']} ({report['seconds']:.0f} s)")
     return 0
@@ -191,9 +194,10 @@ COMMANDS = [
              Opt("--corruption", "fraction of training pairs corrupted", 0.2, float),
              Opt("--solver", "solver (see `mmerase unlearn --help`)", "cg",
                  choices=("cg", "stochastic", "lissa", "dense")),
-             Opt("--curvature", "curvature (see `mmerase unlearn --help`)", "hessian",
+             Opt("--curvature", "curvature (see `mmerase unlearn --help`)", "ggn",
                  choices=("hessian", "fd-hessian", "ggn", "fisher")),
-             Opt("--damping", "damping λ", None, _optional_float),
+             Opt("--damping", "damping λ (default: the demo's validated value)", None, _optional_float),
+             Opt("--refine-steps", "Newton refinement steps after the influence update", 0, int),
              Opt("--quick", "reduced sizes (for tests)", False, boolean=True), PROGRESS], _cmd_demo),
 ]
 
@@ -316,8 +320,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             NotADirectoryError, PermissionError)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and summary line are the output; silence the libraries' loading chatter."""
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("transformers", "peft", "bitsandbytes", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
         return 0
@@ -332,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"unknown command '{name}'{hint}; run `mmerase --help`")
         cmd = cmds[name]
         args = _parse(cmd, rest)
+        _quiet_libraries()
         return cmd.run(args)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print("mmerase: interrupted; no output was written", file=sys.stderr)
         return 130
