@@ -16,9 +16,10 @@ from ..utils import batch_size_of, model_device, move_to
 from . import vectors as V
 from .config import SolverConfig
 from .curvature import Curvature, make_curvature
+from .distributed import all_reduce_, check_product_support, shard, world
 from .edits import Edit
 from .errors import InfluenceError
-from .solvers import SOLVERS
+from .solvers import SOLVERS, Preconditioner
 
 
 @dataclass
@@ -43,9 +44,7 @@ class SolveResult:
 
 
 def _dist_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return world()
 
 
 class _Indexed:
@@ -65,8 +64,9 @@ class _Problem:
     """(H + λI) restricted to a sample set, with product counting; implements solvers.LinearProblem."""
 
     def __init__(self, engine: "InfluenceEngine", curvature: Curvature, config: SolverConfig, b: V.Vec,
-                 curv_idx: list[int], resid_idx: list[int]) -> None:
+                 curv_idx: list[int], resid_idx: list[int], preconditioner: Preconditioner | None = None) -> None:
         self.engine, self.curvature, self.config = engine, curvature, config
+        self.preconditioner = preconditioner  # M ≈ (H+λI)⁻¹ for PCG; products stay exact
         self.b, self.damping = b, config.damping
         self.n_params = sum(t.numel() for t in b)
         self.curv_idx, self.resid_idx = curv_idx, resid_idx
@@ -149,9 +149,17 @@ class InfluenceEngine:
 
     @contextlib.contextmanager
     def _inference_mode(self) -> Iterator[None]:
-        """Dropout and similar off for the duration (products must be deterministic), restored afterwards."""
+        """Dropout and similar off for the duration (products must be deterministic), restored afterwards.
+
+        Modules flagged ``mmerase_keep_training = True`` stay in training mode: layers whose training mode only
+        switches a code path, not randomness (gradient-checkpointed layers, which transformers checkpoints only in
+        training mode; bitsandbytes 4-bit layers, whose eval-mode CPU path has no autograd).
+        """
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        for m, _ in modes:
+            if getattr(m, "mmerase_keep_training", False):
+                m.training = True
         try:
             yield
         finally:
@@ -164,20 +172,20 @@ class InfluenceEngine:
         total = [torch.zeros_like(p) for p in self.params]
         rank, world = _dist_world()
         for start in range(0, len(samples), batch_size):
-            chunk = list(range(start, min(start + batch_size, len(samples))))[rank::world]
-            if not chunk:
-                continue
-            try:
-                batch = self.collate([samples[i] for i in chunk])
-                loss = self.loss(batch, f"{what}s {chunk[0]}–{chunk[-1]}")
-            except Exception:
-                for i in chunk:  # pinpoint the offending sample
-                    self.loss(self._checked_collate(samples[i], f"{what} {i}"), f"{what} {i}")
-                raise
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            for t, g in zip(total, grads):
-                if g is not None:
-                    t.add_(g, alpha=len(chunk))
+            # every rank runs a pass per chunk (padding when its share is empty): ZeRO-3 needs lockstep
+            for chunk, live in shard(range(start, min(start + batch_size, len(samples))), rank, world):
+                try:
+                    batch = self.collate([samples[i] for i in chunk])
+                    loss = self.loss(batch, f"{what}s {chunk[0]}–{chunk[-1]}")
+                except Exception:
+                    for i in chunk:  # pinpoint the offending sample
+                        self.loss(self._checked_collate(samples[i], f"{what} {i}"), f"{what} {i}")
+                    raise
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                if live:
+                    for t, g in zip(total, grads):
+                        if g is not None:
+                            t.add_(g, alpha=len(chunk))
         return self._all_reduce(total)
 
     def _checked_collate(self, sample: Any, where: str) -> Any:
@@ -204,6 +212,7 @@ class InfluenceEngine:
         ``batch_size`` and of the number of processes (products are all-reduced under torch.distributed).
         """
         curv = make_curvature(curvature) if isinstance(curvature, str) else curvature
+        check_product_support(self.model, curv)
         v = self._as_list(v)
         idx = list(range(self.n)) if indices is None else list(indices)
         total = [torch.zeros_like(p) for p in self.params]
@@ -211,20 +220,17 @@ class InfluenceEngine:
         with self._inference_mode():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
-                local = chunk[rank::world]
-                if not local:
-                    continue
                 where = f"training samples {chunk[0]}–{chunk[-1]}"
-                hv = curv.batch_product(self, [self.train_set[i] for i in local], v, where)
-                for t, h in zip(total, hv):
-                    t.add_(h.detach(), alpha=len(local) / len(idx))
+                # padding passes (live=False) keep ranks in lockstep; their results are dropped
+                for local, live in shard(chunk, rank, world, getattr(curv, "per_sample_passes", False)):
+                    hv = curv.batch_product(self, [self.train_set[i] for i in local], v, where)
+                    if live:
+                        for t, h in zip(total, hv):
+                            t.add_(h.detach(), alpha=len(local) / len(idx))
         return self._all_reduce(total)
 
     def _all_reduce(self, vec: V.Vec) -> V.Vec:
-        if _dist_world()[1] > 1:
-            for t in vec:
-                torch.distributed.all_reduce(t)
-        return vec
+        return all_reduce_(vec)
 
     def _as_list(self, v: V.Vec | dict[str, torch.Tensor]) -> V.Vec:
         if isinstance(v, dict):
@@ -259,7 +265,8 @@ class InfluenceEngine:
             total = self.gradient_sum(_Indexed(self.train_set, indices), batch_size, "training sample")
         return V.scale(1.0 / len(indices), total)
 
-    def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None) -> SolveResult:
+    def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None,
+              preconditioner: Preconditioner | None = None) -> SolveResult:
         """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ.
 
         With ``config.refine_steps = K`` it then takes K Newton steps on the stationarity-corrected edited
@@ -270,12 +277,19 @@ class InfluenceEngine:
         towards the undamped solution along the flat directions that damping exists to hold back).
         ``result.info['stationarity_gap']`` = ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit.
 
+        ``preconditioner`` (e.g. from :func:`mmerase.influence.precondition.build_preconditioner`, or a saved
+        preparation) makes 'cg' run preconditioned CG and 'stochastic' preconditioned SGD; the products and the
+        stopping rule stay exact, so δ is the cold solve's to the tolerance, in fewer products.
+
         Raises :class:`InfluenceError` for bad input, ``NotPositiveDefiniteError`` when CG meets non-positive
         curvature, ``SolverDivergedError`` on NaN/inf or divergence; never returns a diverged δ. The model's
         parameters are unchanged on return (use :meth:`apply`).
         """
         config = config or SolverConfig()
         edits = self._check_edits(edits)
+        if preconditioner is not None and hasattr(preconditioner, "check_fits"):
+            preconditioner.check_fits(self.names, self.params)
+        self._preconditioner = preconditioner
         t0 = time.perf_counter()
         curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp)
         b = self.edit_gradient(edits, config.batch_size)
@@ -316,11 +330,21 @@ class InfluenceEngine:
                     step_out, step_samples = self._linear_solve(curv, config, V.scale(-1.0, grad), curv_idx,
                                                                 resid_idx)
                     samples += step_samples
-                    x = V.add(x, step_out.x)
-                    out = step_out
                     steps += step_out.steps
                     history += [dict(h, newton_step=k + 2) for h in step_out.history]
-                    refinement[-1].update(residual=step_out.residual, seconds=time.perf_counter() - t_k)
+                    # backtracking line search on R̃_E: a full Newton step can overshoot on a non-convex loss
+                    f_x = self._edited_objective(saved, x, g_hat, edits, curv_idx, config)
+                    t = 1.0
+                    while t >= 1 / 16:
+                        trial = V.axpy(t, step_out.x, x)
+                        if self._edited_objective(saved, trial, g_hat, edits, curv_idx, config) < f_x:
+                            break
+                        t /= 2
+                    refinement[-1].update(residual=step_out.residual, step_size=t if t >= 1 / 16 else 0.0,
+                                          seconds=time.perf_counter() - t_k)
+                    if t < 1 / 16:  # no decrease along the Newton direction: stop refining
+                        break
+                    x, out = trial, step_out
             finally:
                 self._set_params(saved, None)
             info["stationarity_gap"] = refinement[-1]["stationarity_gap"]
@@ -330,9 +354,27 @@ class InfluenceEngine:
                            b_norm=b_norm, delta_norm=V.norm(x), product_samples=samples,
                            wall_time=time.perf_counter() - t0, config=config.to_dict(), info=info)
 
+    def _edited_objective(self, base: V.Vec, x: V.Vec, g_hat: V.Vec, edits: list[Edit], idx: list[int],
+                          config: SolverConfig) -> float:
+        """R̃_E(θ̂ + x) up to a constant: the mean training loss, minus the stationarity correction ∇R(θ̂)ᵀx,
+        plus the edits' (1/n)-weighted loss change and the proximal damping term."""
+        self._set_params(base, x)
+        with torch.no_grad(), self._inference_mode():
+            train = self._loss_sum(_Indexed(self.train_set, idx), config.batch_size) / len(idx)
+            new = self._loss_sum([e.new for e in edits if e.new is not None], config.batch_size)
+            old = self._loss_sum([e.old for e in edits if e.old is not None], config.batch_size)
+        return train - V.dot(g_hat, x) + (new - old) / self.n + 0.5 * config.damping * V.dot(x, x)
+
+    def _loss_sum(self, samples: Sequence, batch_size: int) -> float:
+        total = 0.0
+        for start in range(0, len(samples), batch_size):
+            chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
+            total += float(self.loss_fn(self.model, self.collate(chunk))) * len(chunk)
+        return total
+
     def _linear_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
                       resid_idx: list[int]) -> tuple[Any, int]:
-        problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx)
+        problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx, getattr(self, "_preconditioner", None))
         with self._inference_mode():
             out = SOLVERS[config.method](problem, config)
         return out, problem.product_samples
