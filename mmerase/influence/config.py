@@ -6,7 +6,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-SOLVERS = ("cg", "stochastic", "lissa", "dense")
+SOLVERS = ("cg", "stochastic", "lissa", "dense", "prepared")
 CURVATURES = ("hessian", "fd-hessian", "ggn", "fisher")
 
 
@@ -23,7 +23,9 @@ class SolverConfig:
 
     method:      'cg' (conjugate gradient on products over the whole curvature set; the default),
                  'stochastic' (Adam on ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; the LLMEraser method),
-                 'lissa' (Neumann-series recursion with mini-batch products), 'dense' (forms H; small models only).
+                 'lissa' (Neumann-series recursion with mini-batch products), 'dense' (forms H; small models only),
+                 'prepared' (δ = M b from a preparation's preconditioner M alone: approximate, no solve; see
+                 mmerase.prepare). 'cg' and 'stochastic' given a preconditioner run preconditioned, still exact.
     curvature:   'hessian' (exact double backward), 'fd-hessian' (central differences of gradients),
                  'ggn' (Gauss-Newton, PSD; needs a Task loss), 'fisher' (empirical Fisher, PSD).
     damping:     λ ≥ 0 added to the curvature.
@@ -36,6 +38,9 @@ class SolverConfig:
     residual_samples:  size of the fixed random training subset on which stochastic solvers measure the
                  residual (None: the whole curvature set).
     curvature_samples: products over a fixed random subset of this many training samples (None: all).
+                 Each product costs that many samples instead of n, but δ then solves the sub-sampled system,
+                 so its distance to the full-curvature δ is set by the subset, not by the solver's tolerance
+                 (measured in benchmarks/request_reuse.md).
     eval_every:  stochastic solvers measure the residual every this many steps.
     fd_eps:      relative finite-difference step for 'fd-hessian' and ggn_jvp='fd' (None: cbrt(machine eps)).
     ggn_jvp:     how 'ggn' computes J·v: 'autograd' (exact, double backward) or 'fd' (first-order passes only).

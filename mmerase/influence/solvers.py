@@ -21,11 +21,18 @@ from .config import SolverConfig
 from .errors import InfluenceError, NotPositiveDefiniteError, SolverDivergedError
 
 
+class Preconditioner(Protocol):
+    """M ≈ (H + λI)⁻¹, symmetric positive definite (see :mod:`.precondition`)."""
+
+    def apply(self, r: V.Vec) -> V.Vec: ...
+
+
 class LinearProblem(Protocol):
     b: V.Vec
     damping: float
     n_params: int
     product_samples: int  # samples pushed through curvature products so far
+    preconditioner: Preconditioner | None  # optional; problems without the attribute have none
 
     def matvec(self, v: V.Vec) -> V.Vec: ...
 
@@ -73,12 +80,22 @@ def _check_finite(x: V.Vec, method: str, step: int, hint: str) -> None:
         raise SolverDivergedError(f"{method} solver produced NaN/inf at step {step}; {hint}")
 
 
+def _preconditioner(problem: LinearProblem) -> Preconditioner | None:
+    return getattr(problem, "preconditioner", None)
+
+
 def solve_cg(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
-    """Conjugate gradient on exact products over the curvature set; stops on non-positive curvature."""
+    """(Preconditioned) conjugate gradient on exact products over the curvature set; stops on non-positive
+    curvature. With a preconditioner M it runs PCG: the same exact products and the same stopping rule on the
+    unpreconditioned residual ‖(H+λI)x − b‖/‖b‖, so M changes the number of steps, not the answer."""
     b, bn = problem.b, V.norm(problem.b)
+    m = _preconditioner(problem)
     x, r = V.zeros_like(b), [t.clone() for t in b]
-    p, rs = [t.clone() for t in r], V.dot(r, r)
-    tr = _Tracker(problem, config, config.max_steps, "cg")
+    z = r if m is None else m.apply(r)
+    p, rz = [t.clone() for t in z], V.dot(r, z)
+    if m is not None and not rz > 0:
+        raise InfluenceError(f"the preconditioner is not positive definite (rᵀMr = {rz:.3e}); rebuild it")
+    tr = _Tracker(problem, config, config.max_steps, "pcg" if m is not None else "cg")
     tr.record(0, 1.0)
     converged, step = False, 0
     try:
@@ -93,22 +110,25 @@ def solve_cg(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
                     f"λ={problem.damping:g}, so H+λI is not positive definite and (H+λI)δ=b has no minimiser "
                     "that CG can find. Increase --damping, or use a PSD curvature ('ggn' or 'fisher')."
                 )
-            alpha = rs / pap
+            alpha = rz / pap
             x = V.axpy(alpha, p, x)
             r = V.axpy(-alpha, ap, r)
-            rs_new = V.dot(r, r)
-            tr.record(step, math.sqrt(rs_new) / bn)
+            rel = V.norm(r) / bn
+            tr.record(step, rel)
             tr.bar.update(1)
-            if math.sqrt(rs_new) / bn < config.tol:
+            if rel < config.tol:
                 converged = True
                 break
-            p = V.axpy(rs_new / rs, p, r)
-            rs = rs_new
+            z = r if m is None else m.apply(r)
+            rz_new = V.dot(r, z)
+            p = V.axpy(rz_new / rz, p, z)
+            rz = rz_new
     finally:
         tr.close()
     _check_finite(x, "cg", step, "increase damping")
     res = problem.residual(x)  # the recurrence drifts in float32: report the true residual
-    return SolverOutput(x, res, converged and res < max(config.tol, 10 * config.tol), step, tr.history)
+    info = {"preconditioned": m is not None}
+    return SolverOutput(x, res, converged and res < max(config.tol, 10 * config.tol), step, tr.history, info)
 
 
 def _auto_lr(problem: LinearProblem) -> float:
@@ -120,7 +140,12 @@ def _auto_lr(problem: LinearProblem) -> float:
 
 
 def solve_stochastic(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
-    """Adam on F(δ) = ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; cosine-decayed step so the noise dies out."""
+    """Adam on F(δ) = ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; cosine-decayed step so the noise dies out.
+
+    With a preconditioner M it runs preconditioned stochastic gradient descent instead (see
+    :func:`_solve_stochastic_preconditioned`)."""
+    if _preconditioner(problem) is not None:
+        return _solve_stochastic_preconditioned(problem, config)
     lr = config.lr if config.lr is not None else _auto_lr(problem)
     b = problem.b
     x, m, s = V.zeros_like(b), V.zeros_like(b), V.zeros_like(b)
@@ -154,6 +179,68 @@ def solve_stochastic(problem: LinearProblem, config: SolverConfig) -> SolverOutp
     finally:
         tr.close()
     return SolverOutput(x, res, converged, step, tr.history, {"lr": lr})
+
+
+def _solve_stochastic_preconditioned(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """x₀ = M b, then x ← x − η_t M (Ĥ_B x + λx − b) with mini-batch products Ĥ_B and a cosine-decayed step
+    η_t = lr·½(1 + cos(π t/T)); the iterates of the last half are averaged (Polyak–Ruppert), which removes most
+    of the mini-batch noise. Default lr = batch/curvature-set size (at most 1): a mini-batch's curvature can be
+    that many times the mean's in a direction few samples bend, where M is large, and a larger step diverges."""
+    m = _preconditioner(problem)
+    assert m is not None
+    n_curv = len(getattr(problem, "curv_idx", ())) or config.batch_size
+    lr = min(1.0, config.batch_size / n_curv) if config.lr is None else config.lr
+    b = problem.b
+    x = m.apply(b)
+    avg, n_avg = None, 0
+    tr = _Tracker(problem, config, config.max_steps, "stochastic (preconditioned)")
+    tr.record(0, 1.0)
+    converged, res, step = False, 1.0, 0
+    try:
+        for step in range(1, config.max_steps + 1):
+            g = V.sub(problem.minibatch_matvec(x), b)
+            lr_t = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / config.max_steps))
+            x = V.axpy(-lr_t, m.apply(g), x)
+            _check_finite(x, "stochastic", step, "lower lr or increase damping")
+            if step > config.max_steps // 2:
+                n_avg += 1
+                avg = [t.clone() for t in x] if avg is None else V.axpy(1.0 / n_avg, V.sub(x, avg), avg)
+            tr.bar.update(1)
+            if step % config.eval_every == 0 or step == config.max_steps:
+                est = avg if avg is not None else x
+                res = problem.residual(est)
+                tr.record(step, res)
+                if res > config.divergence_factor:
+                    raise SolverDivergedError(
+                        f"preconditioned stochastic solver diverged: residual {res:.3e} at step {step} "
+                        f"(guard {config.divergence_factor:g}); lower lr (now {lr:g}) or increase damping")
+                if res < config.tol:
+                    converged = True
+                    break
+    finally:
+        tr.close()
+    out = avg if avg is not None else x
+    return SolverOutput(out, res, converged, step, tr.history, {"lr": lr, "preconditioned": True,
+                                                                "averaged_steps": n_avg})
+
+
+def solve_prepared(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """δ = M b from a preparation's preconditioner alone: no solve, so no curvature products except the one that
+    measures the residual on the residual set (make it small with ``residual_samples``). Approximate: the
+    residual it reports says how far from the exact solution it is; use 'cg' with the same preparation for an
+    exact answer."""
+    m = _preconditioner(problem)
+    if m is None:
+        raise InfluenceError("solver 'prepared' answers from a preparation: pass preconditioner= (or --prepared)")
+    tr = _Tracker(problem, config, 1, "prepared")
+    try:
+        x = m.apply(problem.b)
+        _check_finite(x, "prepared", 1, "rebuild the preparation")
+        res = problem.residual(x)
+        tr.record(1, res)
+    finally:
+        tr.close()
+    return SolverOutput(x, res, res < config.tol, 1, tr.history, {"preconditioned": True})
 
 
 def _power_iteration(problem: LinearProblem, iters: int = 20, seed: int = 0) -> float:
@@ -244,4 +331,5 @@ SOLVERS: dict[str, Callable[[LinearProblem, SolverConfig], SolverOutput]] = {
     "stochastic": solve_stochastic,
     "lissa": solve_lissa,
     "dense": solve_dense,
+    "prepared": solve_prepared,
 }
