@@ -199,3 +199,16 @@ def test_console_script_help_lists_every_command():
     for flag in ("--solver", "--curvature", "--damping", "--tol", "--batch-size", "--max-steps", "--seed"):
         assert flag in helptext
     assert "(default: cg)" in helptext
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "llava-1.5-7b-a40.yaml"])
+def test_shipped_configs_are_valid_for_every_command(name):
+    from mmerase.cli import COMMANDS, _config_defaults
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    values = {c.name: _config_defaults(str(path), c) for c in COMMANDS}
+    if name == "demo.yaml":
+        assert values["demo"]["curvature"] == "ggn" and values["demo"]["task"] == "all"
+    else:
+        assert values["unlearn"]["load_in_4bit"] is True and values["unlearn"]["solver"] == "cg"
+        assert values["finetune"]["lora_r"] == 8 and values["generate"]["max_new_tokens"] == 128

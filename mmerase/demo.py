@@ -1,0 +1,327 @@
+"""``mmerase demo``: unlearn corrupted image-text pairs from a tiny LLaVA on real handwritten digits, on a CPU.
+
+The tiny LLaVA preset first gets a base competence (full training on a split the adapter never sees). A LoRA
+adapter is then fine-tuned on "<image> What digit is this?" → "seven" pairs of which a fraction is corrupted, and
+three scenarios are run (each with the same recipe for every adapter):
+
+- **rc** (response correction): corrupted answers are corrected;
+- **qm** (query modification): corrupted images (a different digit) are replaced by the right image;
+- **ir** (instance removal): the corrupted pairs are removed.
+
+For each, the corrupted adapter, an adapter retrained from scratch on the edited data, and the mmerase-unlearned
+adapter (made through the same workflow as ``mmerase unlearn``, from files on disk) are compared on held-out digits
+and on the edited samples. The demo writes its data, edits files, adapters, ``report.md``, ``report.json`` and
+``report.png`` to the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DIGIT_WORDS, Sample, digit_images, digit_samples, load_dataset, modify_sample, save_dataset
+from .influence import SolverConfig
+from .models import LoadOptions, LoraSettings, load_model
+from .models.presets import build_preset
+from .record import atomic_output_dir, machine, versions, write_json
+from .training import TrainConfig, finetune, train
+from .workflows import run_unlearn
+
+TASK_NAMES = {"rc": "response correction", "qm": "query (image) modification", "ir": "instance removal"}
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and recipes of the demo; ``quick`` shrinks everything for tests."""
+
+    tasks: tuple[str, ...] = ("rc", "qm", "ir")
+    seed: int = 0
+    quick: bool = False
+    corruption: float = 0.2
+    solver: str = "cg"
+    curvature: str = "ggn"
+    damping: float | None = None  # None: the demo's default below
+    refine_steps: int = 0
+    progress: bool | None = None
+    n_pretrain: int = 500
+    n_train: int = 500
+    n_test: int = 400
+    tol: float = 1e-2
+    pretrain_epochs: int = 5
+    pretrain_lr: float = 1e-3
+    epochs: int = 6
+    lr: float = 3e-3
+    batch_size: int = 16
+    lora_r: int = 8
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in TASK_NAMES]
+        if bad:
+            raise ValueError(f"unknown demo task '{bad[0]}'; choose from: {', '.join(TASK_NAMES)}")
+        if not 0 < self.corruption < 1:
+            raise ValueError(f"corruption must be between 0 and 1, got {self.corruption}")
+        if self.quick:
+            self.n_pretrain, self.n_train, self.n_test = 300, 120, 100
+            self.pretrain_epochs, self.epochs = 5, 4
+
+    @property
+    def solver_damping(self) -> float:
+        return 0.01 if self.damping is None else self.damping
+
+
+def _split(cfg: DemoConfig) -> tuple[list[int], list[int], list[int]]:
+    images, _ = digit_images()
+    order = list(range(len(images)))
+    random.Random(cfg.seed).shuffle(order)
+    need = cfg.n_pretrain + cfg.n_train + cfg.n_test
+    if need > len(order):
+        raise ValueError(f"the demo needs {need} digits; scikit-learn ships {len(order)}")
+    a, b = cfg.n_pretrain, cfg.n_pretrain + cfg.n_train
+    return order[:a], order[a:b], order[b:need]
+
+
+def _pretrain_base(folder: Path, pretrain: list[Sample], cfg: DemoConfig) -> Path:
+    """Build the tiny-llava preset and train all its weights on the pre-training split (base competence)."""
+    preset = build_preset("tiny-llava", folder, seed=cfg.seed)
+    bundle = load_model(preset, lora=LoraSettings(r=1), options=LoadOptions(device="cpu"))
+    base = bundle.model.get_base_model()
+    for name, p in base.named_parameters():  # all base weights train; the zero-effect LoRA stays frozen
+        p.requires_grad_("lora_" not in name)
+    train(bundle.model, bundle.loss_fn, pretrain, bundle.collate,
+          TrainConfig(epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, lr=cfg.pretrain_lr, schedule="cosine",
+                      seed=cfg.seed, progress=cfg.progress))
+    merged = bundle.model.unload()  # drop the (untrained, zero-effect) LoRA r=1 again
+    merged.save_pretrained(folder)
+    return folder
+
+
+def _train_adapter(base: Path, samples: list[Sample], out: Path, cfg: DemoConfig) -> float:
+    bundle = load_model(base, lora=LoraSettings(r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed),
+                        options=LoadOptions(device="cpu"))
+    res = finetune(bundle, samples, TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                                schedule="cosine", seed=cfg.seed, progress=cfg.progress), out)
+    return res.seconds
+
+
+def _evaluate(base: Path, adapter: Path, sets: dict[str, tuple[list[Sample], list[int]]], cfg: DemoConfig
+              ) -> dict[str, float]:
+    """Accuracy of greedy answers and mean loss L(z) on each named sample set."""
+    bundle = load_model(base, adapter=adapter, options=LoadOptions(device="cpu"))
+    out: dict[str, float] = {}
+    for name, (samples, labels) in sets.items():
+        if not samples:
+            continue
+        answers = bundle.generate(samples, max_new_tokens=8, batch_size=64, progress=cfg.progress)
+        out[f"{name}_acc"] = sum(a == DIGIT_WORDS[y] for a, y in zip(answers, labels)) / len(labels)
+        out[f"{name}_loss"] = float(bundle.per_sample_losses(samples, batch_size=64).mean())
+    return out
+
+
+def _ratio(unlearned: float, corrupted: float, retrained: float) -> float | None:
+    gap = retrained - corrupted
+    return None if abs(gap) < 1e-12 else (unlearned - corrupted) / gap
+
+
+def _write_edits(path: Path, lines: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+
+
+def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
+    """Run the demo scenarios and write everything to ``out`` (which must not exist); returns the report."""
+    cfg = cfg or DemoConfig()
+    t_start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with atomic_output_dir(out) as tmp:
+            report = _run(tmp, cfg)
+            report["seconds"] = time.perf_counter() - t_start
+            write_json(tmp / "report.json", report)
+            (tmp / "report.md").write_text(_markdown(report), encoding="utf-8")
+            _plot(report, tmp / "report.png")
+    finally:
+        torch.set_num_threads(threads)
+    report["out"] = str(out)
+    return report
+
+
+def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
+    pre_idx, train_idx, test_idx = _split(cfg)
+    images, targets = digit_images()
+    rng = random.Random(cfg.seed + 1)
+    n_bad = max(1, round(cfg.corruption * len(train_idx)))
+    bad = sorted(rng.sample(range(len(train_idx)), n_bad))
+    wrong_label = {k: (targets[train_idx[k]] + rng.randint(1, 9)) % 10 for k in bad}
+    # QM: a corrupted pair shows another digit's image (taken from the pre-training pool) under the right answer
+    by_class: dict[int, list[int]] = {}
+    for i in pre_idx:
+        by_class.setdefault(targets[i], []).append(i)
+    wrong_image = {k: rng.choice(by_class[wrong_label[k]]) for k in bad}
+
+    base = _pretrain_base(root / "base", digit_samples(pre_idx, prefix="pre-"), cfg)
+
+    data_dir = root / "data"
+    clean = digit_samples(train_idx)
+    test = (digit_samples(test_idx, prefix="test-"), [targets[i] for i in test_idx])
+    # image files, so that datasets and edits are real files a user can replay with the CLI
+    img_dir = data_dir / "images"
+    img_dir.mkdir(parents=True)
+    for s, i in zip(clean, train_idx):
+        s.image.save(img_dir / f"{s.id}.png")
+    files = {s.id: img_dir / f"{s.id}.png" for s in clean}
+    clean = [dataclasses.replace(s, image=None, image_path=files[s.id]) for s in clean]
+    for k in bad:
+        images[wrong_image[k]].save(img_dir / f"wrong-{clean[k].id}.png")
+
+    corrupted_rc = [modify_sample(s, response=DIGIT_WORDS[wrong_label[k]]) if k in wrong_label else s
+                    for k, s in enumerate(clean)]
+    corrupted_qm = [modify_sample(s, image=img_dir / f"wrong-{s.id}.png") if k in wrong_label else s
+                    for k, s in enumerate(clean)]
+    save_dataset(corrupted_rc, data_dir / "train_rc.json")
+    save_dataset(corrupted_qm, data_dir / "train_qm.json")
+    save_dataset(clean, data_dir / "train_clean.json")
+    kept = [s for k, s in enumerate(clean) if k not in wrong_label]
+    save_dataset(kept, data_dir / "train_removed.json")
+    bad_ids = [clean[k].id for k in bad]
+    _write_edits(data_dir / "edits_rc.jsonl",
+                 [{"op": "correct", "id": i, "response": DIGIT_WORDS[targets[train_idx[k]]]}
+                  for i, k in zip(bad_ids, bad)])
+    _write_edits(data_dir / "edits_qm.jsonl",
+                 [{"op": "modify", "id": i, "image": f"images/{i}.png"} for i in bad_ids])
+    _write_edits(data_dir / "edits_ir.jsonl", [{"op": "remove", "id": i} for i in bad_ids])
+
+    adapters = root / "adapters"
+    timings: dict[str, float] = {}
+    need = set(cfg.tasks)
+    train_file = {"rc": "train_rc.json", "ir": "train_rc.json", "qm": "train_qm.json"}
+    corrupted_name = {"rc": "corrupted-labels", "ir": "corrupted-labels", "qm": "corrupted-images"}
+    retrained_name = {"rc": "retrained-clean", "qm": "retrained-clean", "ir": "retrained-removed"}
+    to_train = {corrupted_name[t]: train_file[t] for t in need}
+    to_train.update({retrained_name[t]: "train_removed.json" if t == "ir" else "train_clean.json" for t in need})
+    for name, fname in to_train.items():
+        timings[name] = _train_adapter(base, load_dataset(data_dir / fname), adapters / name, cfg)
+
+    edited_truth = [targets[train_idx[k]] for k in bad]
+    solver = SolverConfig(method=cfg.solver, curvature=cfg.curvature, damping=cfg.solver_damping, tol=cfg.tol,
+                          max_steps=100, batch_size=128, seed=cfg.seed, refine_steps=cfg.refine_steps,
+                          progress=cfg.progress)
+    scenarios: dict[str, Any] = {}
+    for task in cfg.tasks:
+        data_file = data_dir / train_file[task]
+        outcome = run_unlearn(str(base), adapters / corrupted_name[task], data_file, data_dir / f"edits_{task}.jsonl",
+                              adapters / f"unlearned-{task}", solver=solver,
+                              options=LoadOptions(device="cpu", exact_hvp=cfg.curvature in ("hessian", "ggn")))
+        if task == "ir":  # the removed (corrupted) pairs as they were trained
+            edited = [s for s in corrupted_rc if s.id in set(bad_ids)]
+            sets = {"test": test, "forget": (edited, [wrong_label[k] for k in bad])}
+        else:
+            fixed = [clean[k] for k in bad]
+            sets = {"test": test, "edited": (fixed, edited_truth)}
+        rows = {role: _evaluate(base, adapters / name, sets, cfg) for role, name in
+                (("corrupted", corrupted_name[task]), ("retrained", retrained_name[task]),
+                 ("mmerase", f"unlearned-{task}"))}
+        res = outcome.result
+        sc: dict[str, Any] = {
+            "name": TASK_NAMES[task], "n_edits": len(bad), "rows": rows,
+            "retrain_seconds": timings[retrained_name[task]],
+            "unlearn_seconds": outcome.record["timings"]["solve_s"],
+            "residual": res.residual, "converged": res.converged, "solver_steps": res.steps,
+            "stationarity_gap": res.info.get("stationarity_gap"),
+            "residual_history": [(h["step"], h["residual"]) for h in res.history],
+            "recovery_test_acc": _ratio(rows["mmerase"]["test_acc"], rows["corrupted"]["test_acc"],
+                                        rows["retrained"]["test_acc"]),
+        }
+        if task == "ir":
+            lr_, lu = rows["retrained"]["forget_loss"], rows["mmerase"]["forget_loss"]
+            sc["forget_loss_rel_diff"] = abs(lu - lr_) / abs(lr_)
+            sc["recovery_forget_loss"] = _ratio(lu, rows["corrupted"]["forget_loss"], lr_)
+        else:
+            sc["recovery_edited_acc"] = _ratio(rows["mmerase"]["edited_acc"], rows["corrupted"]["edited_acc"],
+                                               rows["retrained"]["edited_acc"])
+            sc["recovery_edited_loss"] = _ratio(rows["mmerase"]["edited_loss"], rows["corrupted"]["edited_loss"],
+                                                rows["retrained"]["edited_loss"])
+        scenarios[task] = sc
+    return {"config": asdict(cfg), "solver": solver.to_dict(), "scenarios": scenarios,
+            "sizes": {"pretrain": len(pre_idx), "train": len(train_idx), "test": len(test_idx), "edits": len(bad)},
+            "versions": versions(), "machine": machine()}
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    s = report["sizes"]
+    lines = [
+        "# mmerase demo: unlearning corrupted image-text pairs (tiny LLaVA, scikit-learn digits)", "",
+        f"{s['train']} training pairs, {s['edits']} corrupted ({100 * report['config']['corruption']:.0f}%), "
+        f"{s['test']} held-out digits; base pre-trained on {s['pretrain']} other digits. "
+        f"Solver: {report['solver']['method']}, curvature {report['solver']['curvature']}, "
+        f"damping {report['solver']['damping']:g}, refinement steps {report['solver']['refine_steps']}.", "",
+    ]
+    for task, sc in report["scenarios"].items():
+        rows = sc["rows"]
+        edited = "forget" if task == "ir" else "edited"
+        lines += [f"## {task.upper()}: {sc['name']} ({sc['n_edits']} edits)", "",
+                  f"| adapter | test accuracy | {edited}-set accuracy | {edited}-set loss |", "|---|---|---|---|"]
+        for role in ("retrained", "corrupted", "mmerase"):
+            r = rows[role]
+            lines.append(f"| {role} | {_fmt(r['test_acc'], True)} | {_fmt(r[f'{edited}_acc'], True)} | "
+                         f"{_fmt(r[f'{edited}_loss'])} |")
+        lines += ["", f"- recovery of the test-accuracy gap: {_fmt(sc['recovery_test_acc'])}"]
+        if task == "ir":
+            lines.append(f"- forget-set loss vs retrained: {100 * sc['forget_loss_rel_diff']:.1f}% apart "
+                         f"(recovery of the loss gap {_fmt(sc['recovery_forget_loss'])})")
+        else:
+            lines.append(f"- recovery of the edited-set accuracy gap: {_fmt(sc['recovery_edited_acc'])}, "
+                         f"of the edited-set loss gap: {_fmt(sc['recovery_edited_loss'])}")
+        lines += [f"- time: retrain {sc['retrain_seconds']:.1f} s, unlearn {sc['unlearn_seconds']:.1f} s; final "
+                  f"residual {sc['residual']:.1e} after {sc['solver_steps']} steps, stationarity gap "
+                  f"{_fmt(sc['stationarity_gap'])}", ""]
+    m = report["machine"]
+    lines += [f"Machine: {m['cpu']} ({m['cores']} cores); torch {report['versions']['torch']}, transformers "
+              f"{report['versions']['transformers']}, peft {report['versions']['peft']}; seed "
+              f"{report['config']['seed']}; total {report['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["scenarios"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for t in tasks:
+        hist = report["scenarios"][t]["residual_history"]
+        ax1.semilogy([h[0] for h in hist], [max(h[1], 1e-16) for h in hist], marker="o", ms=3, label=t.upper())
+    ax1.set_xlabel("solver step")
+    ax1.set_ylabel("relative residual ‖(H+λI)δ − b‖/‖b‖")
+    ax1.set_title("solver convergence")
+    ax1.legend()
+    width = 0.25
+    for j, role in enumerate(("retrained", "corrupted", "mmerase")):
+        vals = [100 * report["scenarios"][t]["rows"][role]["test_acc"] for t in tasks]
+        ax2.bar([i + (j - 1) * width for i in range(len(tasks))], vals, width, label=role)
+    ax2.set_xticks(range(len(tasks)), [t.upper() for t in tasks])
+    ax2.set_ylabel("held-out accuracy (%)")
+    ax2.set_title("test accuracy")
+    ax2.legend()
+    lo = min(100 * report["scenarios"][t]["rows"][r]["test_acc"] for t in tasks
+             for r in ("retrained", "corrupted", "mmerase"))
+    ax2.set_ylim(max(0, lo - 10), 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
