@@ -195,7 +195,15 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     subs["unlearning"] = p
     p.add_argument("--records", nargs="+", default=[], metavar="NAME=FILE",
                    help="per-adapter per-sample JSONL files, e.g. corrupted=c.jsonl retrained=r.jsonl "
-                        "unlearned=u.jsonl [required]")
+                        "unlearned=u.jsonl [required unless --base/--adapters/--splits are given]")
+    p.add_argument("--base", metavar="BASE", help="compute the records here instead: base model (folder, hub id "
+                   "or mmerase preset) that the --adapters belong to")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR",
+                   help="peft adapter folders to evaluate, e.g. corrupted=a retrained=b unlearned=c")
+    p.add_argument("--splits", nargs="+", default=[], metavar="SPLIT=FILE",
+                   help="LLaVA-format data files, e.g. forget=f.json retain=r.json test=t.json")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length when computing records")
+    p.add_argument("--device", default=None, help="device when computing records (default: cuda if available)")
     p.add_argument("--corrupted", metavar="NAME", help="adapter trained on the data to forget (recovery ratio 0)")
     p.add_argument("--retrained", metavar="NAME", help="adapter retrained without it (recovery ratio 1)")
     p.add_argument("--mia-member-split", default="forget", metavar="SPLIT", help="members for the MIA AUC")
@@ -209,7 +217,7 @@ _REQUIRED = {
     "mmvet": ("metadata", "predictions", "judge_model", "out"),
     "rbench": ("questions", "predictions", "out"),
     "rbench-draw": ("questions", "image_dir", "out"),
-    "unlearning": ("records", "out"),
+    "unlearning": ("out",),
 }
 
 
@@ -279,10 +287,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"rbench-draw: {n} question(s) written to {args.out}")
         return 0
     if args.command == "unlearning":
-        from eval.commands import run_unlearning
+        from eval.commands import compute_unlearning_records, run_unlearning
 
+        computed = None
+        if args.base or args.adapters or args.splits:
+            if args.records:
+                raise UserError("unlearning: give either --records or --base/--adapters/--splits, not both")
+            computed = compute_unlearning_records(args.base, args.adapters, args.splits, args.out,
+                                                  args.max_new_tokens, args.device)
+        elif not args.records:
+            raise UserError("unlearning: missing --records (or --base, --adapters and --splits)")
         run_unlearning(args.records, args.out, args.corrupted, args.retrained, args.mia_member_split,
-                       args.mia_nonmember_split, args.decimal_places, argv=list(argv))
+                       args.mia_nonmember_split, args.decimal_places, argv=list(argv), computed=computed)
         print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}")
         return 0
     raise UserError(f"unknown command {args.command!r}")  # pragma: no cover

@@ -158,15 +158,15 @@ def run_rbench_draw(
 
 
 # -------------------------------------------------------------------------------------------------------- unlearning
-def parse_named_files(items: Sequence[str]) -> dict[str, Path]:
+def parse_named_files(items: Sequence[str], flag: str = "--records") -> dict[str, Path]:
     """``["name=path", ...]`` -> ordered ``{name: Path}``."""
     out: dict[str, Path] = {}
     for item in items:
         name, sep, path = str(item).partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--records expects NAME=FILE, got {item!r}")
+            raise UserError(f"{flag} expects NAME=FILE, got {item!r}")
         if name in out:
-            raise UserError(f"--records: adapter name {name!r} given twice")
+            raise UserError(f"{flag}: name {name!r} given twice")
         out[name] = Path(path)
     return out
 
@@ -180,17 +180,23 @@ def run_unlearning(
     mia_nonmember_split: str = "test",
     decimal_places: int = 4,
     argv: Sequence[str] | None = None,
+    computed: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Read per-adapter JSONL of per-sample results, compute :func:`eval.unlearning.evaluate_unlearning`, write
-    ``unlearning_summary.{json,md}``, ``unlearning_samples.jsonl`` and a manifest."""
+    """Read per-adapter JSONL of per-sample results (or take ``computed`` records), compute
+    :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md}``,
+    ``unlearning_samples.jsonl`` and a manifest."""
     from eval.unlearning import evaluate_unlearning, render_markdown, sample_scores
 
     started = time.time()
-    files = parse_named_files(records)
-    if not files:
-        raise UserError("--records: give at least one NAME=FILE")
-    check_out_dir(out)
-    data = {name: [obj for _, obj in iter_jsonl(path)] for name, path in files.items()}
+    if computed is not None:
+        files: dict[str, Path] = {}
+        data = computed
+    else:
+        files = parse_named_files(records)
+        if not files:
+            raise UserError("--records: give at least one NAME=FILE")
+        check_out_dir(out)
+        data = {name: [obj for _, obj in iter_jsonl(path)] for name, path in files.items()}
     result = evaluate_unlearning(data, corrupted=corrupted, retrained=retrained,
                                  mia_member_split=mia_member_split, mia_nonmember_split=mia_nonmember_split)
     out = ensure_out_dir(out)
@@ -205,3 +211,24 @@ def run_unlearning(
             {"corrupted": corrupted, "retrained": retrained, "mia_member_split": mia_member_split,
              "mia_nonmember_split": mia_nonmember_split}, started, argv=argv))
     return result
+
+
+def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits: Sequence[str], out: Path,
+                               max_new_tokens: int = 32, device: str | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference) through
+    mmerase's model adapters; the records are the same ones ``--records`` files hold."""
+    if not base or not adapters or not splits:
+        raise UserError("computing records needs --base, --adapters NAME=DIR ... and --splits SPLIT=FILE ...")
+    named_adapters = {k: str(v) for k, v in parse_named_files(adapters, "--adapters").items()}
+    named_splits = parse_named_files(splits, "--splits")
+    for name, path in {**{f"adapter {k}": Path(v) for k, v in named_adapters.items()},
+                       **{f"split {k}": v for k, v in named_splits.items()}}.items():
+        if not path.exists():
+            raise UserError(f"{name}: {path} not found")
+    check_out_dir(out)
+    from mmerase.models import LoadOptions
+    from mmerase.workflows import score_adapters
+
+    return score_adapters(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
+                          max_new_tokens=max_new_tokens)
+

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError, load_dataset
+from .distributed import barrier, is_main_process, zero3_wrap
 from .editfile import parse_edits
+from .prepare import Preparation, PreconditionerConfig, open_preparation, prepare, save_preparation
 from .influence import InfluenceEngine, SolverConfig, SolveResult
+from .influence.distributed import world
+from .memory import PeakMemory, engine_memory_report
 from .models import LoadOptions, LoraSettings, load_model
 from .record import (OutputExistsError, atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file,
                      versions, write_json)
@@ -80,39 +84,94 @@ class UnlearnOutcome:
 
 
 def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | Path, out: str | Path, *,
-                solver: SolverConfig, options: LoadOptions) -> UnlearnOutcome:
+                solver: SolverConfig, options: LoadOptions, deepspeed_config: str | Path | None = None,
+                memory_report: bool = True, prepared: str | Path | None = None,
+                cache_features: bool = True) -> UnlearnOutcome:
     """base + adapter + training data + edits file → a new adapter folder ``out`` with its run record.
 
     The input adapter and data are only read. ``out`` appears only when everything was written.
+
+    Under torch.distributed (the process group already initialised, e.g. by the CLI under torchrun) every rank
+    runs this with the same arguments: the solve is data-parallel, rank 0 alone writes ``out`` and the others wait
+    for it at a barrier. ``deepspeed_config`` (a ZeRO-3 JSON file) partitions the frozen base across the ranks
+    (first-order curvatures only). ``memory_report`` adds the peak memory of one training step, one product and
+    the whole solve (rank 0's, per process) to the record.
+
+    ``prepared`` (a folder from :func:`run_prepare`) preconditions the solve: same δ to the tolerance, fewer products;
+    it is refused if made for another adapter (unless this one descends from it), dataset, curvature or damping.
+    ``cache_features`` computes frozen image features once instead of in every product (exact; LLaVA only).
     """
     _refuse_existing(out)
     t0 = time.perf_counter()
     train = load_dataset(data)
     requests = parse_edits(edits, train)
+    previous = read_record(adapter)
+    preparation, prep_notes = open_preparation(prepared, adapter=adapter, data=data, solver=solver,
+                                               adapter_record=previous) if prepared else (None, [])
     bundle = load_model(base, adapter=adapter, options=options)
     t_load = time.perf_counter() - t0
-    engine = InfluenceEngine(bundle.model, bundle.loss_fn, train, collate_fn=bundle.collate)
-    result = engine.solve([r.edit for r in requests], solver)
+    model, distributed = bundle.model, {"world_size": world()[1], "zero3": None}
+    if deepspeed_config is not None:
+        zero = zero3_wrap(bundle.model, deepspeed_config)
+        model = zero.module
+        distributed["zero3"] = {"config": str(deepspeed_config), "zero_optimization": zero.config["zero_optimization"]}
+    cache = bundle.feature_cache() if cache_features and deepspeed_config is None else None
+    engine = InfluenceEngine(model, cache.loss_fn if cache else bundle.loss_fn, train,
+                             collate_fn=cache.collate if cache else bundle.collate)
+    memory = engine_memory_report(engine, solver) if memory_report else {}
+    with PeakMemory(engine.device) as solve_memory:
+        result = engine.solve([r.edit for r in requests], solver,
+                              preconditioner=preparation.preconditioner if preparation else None)
+    memory["solve"] = solve_memory.result
     engine.apply(result.delta)
     t_solve = time.perf_counter() - t0 - t_load
-    previous = read_record(adapter)
+    adapter_sha = sha256_dir(adapter)
     request = {"edits": _file_info(edits, len(requests)), "ops": dict(Counter(r.record["op"] for r in requests)),
                "ids": [r.record.get("id", r.record.get("sample", {}).get("id")) for r in requests],
-               "created": _now()}
+               "created": _now(), "adapter_sha256": adapter_sha}
     record = {
         "command": "unlearn", "created": request["created"], "base": base,
-        "adapter": {"path": str(adapter), "sha256": sha256_dir(adapter)},
+        "adapter": {"path": str(adapter), "sha256": adapter_sha},
         "data": _file_info(data, len(train)), "edits": request["edits"], "ops": request["ops"],
         "solver": solver.to_dict(), "result": result.summary(), "load": asdict(options),
         "timings": {"load_s": t_load, "solve_s": t_solve},
-        "versions": versions(), "machine": machine(),
+        "versions": versions(), "machine": machine(), "distributed": distributed, "memory": memory,
         "chain": (previous or {}).get("chain", []) + [request],
+        "prepared": None if preparation is None else {
+            "path": str(prepared), "kind": preparation.record.get("kind"), "notes": prep_notes,
+            "made_for_adapter": (preparation.record.get("adapter") or {}).get("sha256")},
+        "feature_cache": None if cache is None else {"level": cache.level, "images": len(cache),
+                                                      "hits": cache.hits, "misses": cache.misses},
     }
-    with atomic_output_dir(out) as tmp:
-        bundle.save_adapter(tmp)
-        record["timings"]["total_s"] = time.perf_counter() - t0
-        write_json(tmp / RECORD_NAME, record)
+    record["timings"]["total_s"] = time.perf_counter() - t0
+    if is_main_process():  # every rank holds the same adapter; one writes it
+        with atomic_output_dir(out) as tmp:
+            bundle.save_adapter(tmp)
+            record["timings"]["total_s"] = time.perf_counter() - t0
+            write_json(tmp / RECORD_NAME, record)
+    barrier()
     return UnlearnOutcome(Path(out), result, record)
+
+
+def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Path, *, solver: SolverConfig,
+                config: PreconditionerConfig | None = None, options: LoadOptions,
+                cache_features: bool = True) -> Preparation:
+    """Build once what later requests against ``adapter`` and ``data`` reuse (a preconditioner for
+    ``solver.curvature`` + ``solver.damping``) and write it to the new folder ``out``."""
+    _refuse_existing(out)
+    t0 = time.perf_counter()
+    train = load_dataset(data)
+    bundle = load_model(base, adapter=adapter, options=options)
+    t_load = time.perf_counter() - t0
+    cache = bundle.feature_cache() if cache_features else None
+    engine = InfluenceEngine(bundle.model, cache.loss_fn if cache else bundle.loss_fn, train,
+                             collate_fn=cache.collate if cache else bundle.collate)
+    prep = prepare(engine, solver, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
+                   extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
+                          "data": {"path": str(data)}, "solver": solver.to_dict(), "load": asdict(options)})
+    prep.record["timings"] = {"load_s": t_load, "prepare_s": time.perf_counter() - t0 - t_load}
+    save_preparation(prep, out)
+    return prep
 
 
 def run_generate(base: str, adapter: str | Path | None, data: str | Path, out: str | Path, *, options: LoadOptions,
@@ -129,3 +188,27 @@ def run_generate(base: str, adapter: str | Path | None, data: str | Path, out: s
             for s, a in zip(samples, answers):
                 f.write(json.dumps({"id": s.id, "answer": a}, ensure_ascii=False) + "\n")
     return {"out": str(out), "n": len(samples), "seconds": time.perf_counter() - t0}
+
+
+def score_adapters(base: str, adapters: dict[str, str | Path | None], splits: dict[str, str | Path], *,
+                   options: LoadOptions, generate: bool = True, batch_size: int = 8,
+                   max_new_tokens: int = 32) -> dict[str, list[dict[str, Any]]]:
+    """Per-sample records for the evaluation harness: for each adapter (None: the base alone) and each split
+    (a LLaVA-format data file), every sample's loss L(z), greedy answer and reference (its last assistant turn).
+
+    Returns ``{adapter_name: [{"id", "split", "loss", "prediction", "reference"}, ...]}``, the input of
+    ``eval.unlearning.evaluate_unlearning``.
+    """
+    data = {split: load_dataset(path) for split, path in splits.items()}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, adapter in adapters.items():
+        bundle = load_model(base, adapter=adapter, options=options)
+        records: list[dict[str, Any]] = []
+        for split, samples in data.items():
+            losses = bundle.per_sample_losses(samples, batch_size=batch_size).tolist()
+            answers = bundle.generate(samples, max_new_tokens=max_new_tokens, batch_size=batch_size) if generate \
+                else [None] * len(samples)
+            records += [{"id": s.id, "split": split, "loss": loss, "prediction": a, "reference": s.response}
+                        for s, loss, a in zip(samples, losses, answers)]
+        out[name] = records
+    return out
