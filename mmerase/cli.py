@@ -73,6 +73,12 @@ SOLVER_OPTS = [
     Opt("--refine-steps", "Newton refinement steps after the influence update (each: one gradient pass + a solve)",
         0, int),
 ]
+SCALE_OPTS = [
+    Opt("--ggn-jvp", "how ggn computes J·v: autograd (exact, double backward) or fd (first-order passes; the default "
+        "under --deepspeed)", None, choices=("autograd", "fd")),
+    Opt("--deepspeed", "DeepSpeed ZeRO-3 config (JSON): partition the frozen base across the ranks of a torchrun/"
+        "deepspeed launch (first-order curvatures: fd-hessian, ggn, fisher)", None),
+]
 LORA_OPTS = [
     Opt("--lora-r", "LoRA rank", 8, int),
     Opt("--lora-alpha", "LoRA alpha", 16.0, float),
@@ -125,15 +131,24 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def _cmd_unlearn(a: argparse.Namespace) -> int:
+    from .distributed import init_from_env, shutdown
     from .influence import SolverConfig
     from .workflows import run_unlearn
 
+    ggn_jvp = a.ggn_jvp or ("fd" if a.deepspeed else "autograd")
     solver = SolverConfig(method=a.solver, curvature=a.curvature, damping=a.damping, tol=a.tol,
                           batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed, lr=a.lr,
                           curvature_samples=a.curvature_samples, refine_steps=a.refine_steps,
-                          progress=a.progress)
-    outcome = run_unlearn(a.base, a.adapter, a.data, a.edits, a.out, solver=solver,
-                          options=_load_options(a, exact=a.curvature in ("hessian", "ggn")))
+                          ggn_jvp=ggn_jvp, progress=a.progress)
+    exact = a.curvature == "hessian" or (a.curvature == "ggn" and ggn_jvp == "autograd")
+    dist = init_from_env()  # torchrun/deepspeed launch: one process group, rank 0 writes
+    try:
+        outcome = run_unlearn(a.base, a.adapter, a.data, a.edits, a.out, solver=solver,
+                              options=_load_options(a, exact=exact), deepspeed_config=a.deepspeed)
+    finally:
+        shutdown(dist)
+    if not dist.is_main:
+        return 0
     r = outcome.result
     state = "converged" if r.converged else f"NOT converged (tol {a.tol:g})"
     print(f"unlearned adapter written to {outcome.out} | residual {r.residual:.2e} ({state}, {r.steps} steps) | "
@@ -179,7 +194,7 @@ COMMANDS = [
                           Opt("--data", "the training data the adapter was trained on", required=True),
                           Opt("--edits", "edits file (JSONL: remove / modify / correct / add)", required=True),
                           Opt("--out", "new adapter folder (must not exist)", required=True)]
-            + SOLVER_OPTS + [PROGRESS], _cmd_unlearn),
+            + SOLVER_OPTS + SCALE_OPTS + [PROGRESS], _cmd_unlearn),
     Command("generate", "greedy answers for an evaluation file (JSONL out: id, answer)",
             MODEL_OPTS + [Opt("--adapter", "peft adapter folder (default: the base alone)", None),
                           Opt("--data", "questions (LLaVA-format JSON or JSONL)", required=True),

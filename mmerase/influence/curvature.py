@@ -63,6 +63,7 @@ class Curvature:
     name = "base"
     psd = False  # positive semi-definite by construction
     needs_second_order = False  # needs a differentiable backward (not under ZeRO-3)
+    per_sample_passes = False  # runs passes per sample, not per batch (data-parallel padding, see .distributed)
 
     def __init__(self, fd_eps: float | None = None, ggn_jvp: str = "autograd") -> None:
         self.fd_eps, self.ggn_jvp = fd_eps, ggn_jvp
@@ -150,6 +151,7 @@ class EmpiricalFisher(Curvature):
 
     name = "fisher"
     psd = True
+    per_sample_passes = True
 
     def batch_product(self, ctx, samples, v, where):
         out = [torch.zeros_like(p) for p in ctx.params]

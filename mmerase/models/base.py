@@ -112,7 +112,9 @@ class LoadOptions:
     def resolved_device(self) -> torch.device:
         if self.device is not None:
             return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():  # the current device: each data-parallel rank sets its own
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
 
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
