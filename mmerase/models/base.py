@@ -81,9 +81,12 @@ class LoadOptions:
     """How to load a base model.
 
     ``exact_hvp`` forces eager attention (SDPA/flash kernels have no double backward, so exact Hessian-vector
-    products need eager). ``gradient_checkpointing`` is non-reentrant (double backward works through it); like
-    transformers' own, it is active only while the model is in training mode. ``quantization="nf4"`` loads the base's linear layers 4-bit through bitsandbytes (compute
-    in ``dtype``). ``device=None`` picks CUDA when available.
+    products need eager; asking for another kernel with ``exact_hvp`` is an error, and the engine refuses exact
+    products on a model loaded with one). ``gradient_checkpointing`` is non-reentrant (double backward works through
+    it) and stays active during the engine's products (the checkpointed layers keep training mode there, see
+    :func:`keep_checkpointing_in_products`). ``quantization="nf4"`` loads the base's linear layers 4-bit through
+    bitsandbytes (compute in ``dtype``), made product-ready by :func:`mmerase.models.quant.prepare_4bit`.
+    ``device=None`` picks the current CUDA device when available.
     """
 
     dtype: str = "float32"
@@ -254,6 +257,7 @@ class ModelBundle:
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
+            keep_checkpointing_in_products(model)
         return cls(model, tokenizer, processor, base_path=path, options=options)
 
     @classmethod
@@ -288,6 +292,10 @@ class ModelBundle:
             raise ModelLoadError(f"cannot load base model {path!r}: {exc}") from exc
         if options.quantization is None:
             model.to(device)
+        else:  # exact double backward without keeping dequantized weights; autograd path in eval mode
+            from mmerase.models.quant import prepare_4bit
+
+            prepare_4bit(model)
         if exact64:
             keep_norms_in_dtype(model)
         model.requires_grad_(False)
@@ -554,6 +562,21 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, *, base_name: str = "
     upcast_trainable(model)  # before loading, so float32 weights are not rounded through bfloat16
     set_peft_model_state_dict(model, state)
     return model
+
+
+def keep_checkpointing_in_products(model: nn.Module) -> int:
+    """Flag gradient-checkpointed layers ``mmerase_keep_training`` so they stay checkpointed during products.
+
+    transformers checkpoints a layer only while that layer is in training mode, and the influence engine puts the
+    model in eval mode for products; the flag keeps the layer itself (not its dropout or attention submodules, which
+    stay in eval mode) in training mode, so products save memory too. Returns how many layers were flagged.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
+            module.mmerase_keep_training = True
+            count += 1
+    return count
 
 
 _HALF = (torch.float16, torch.bfloat16)
