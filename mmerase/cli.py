@@ -61,7 +61,8 @@ SOLVER_OPTS = [
     Opt("--solver", "cg: conjugate gradient (fewest products); stochastic: Adam with mini-batch products "
         "(LLMEraser); lissa; dense: tiny adapters only", "cg", choices=("cg", "stochastic", "lissa", "dense")),
     Opt("--curvature", "hessian: exact; fd-hessian: finite differences (first-order passes); ggn: Gauss-Newton "
-        "(PSD); fisher: empirical Fisher (PSD)", "hessian", choices=("hessian", "fd-hessian", "ggn", "fisher")),
+        "(PSD); fisher: empirical Fisher (PSD); sampled-fisher: true Fisher from seeded label draws (PSD)", "hessian",
+        choices=("hessian", "fd-hessian", "ggn", "fisher", "sampled-fisher")),
     Opt("--damping", "λ added to the curvature (H + λI); raise it if CG reports non-positive curvature", 0.1, float),
     Opt("--tol", "stop when ‖(H+λI)δ − b‖/‖b‖ is below this", 1e-4, float),
     Opt("--batch-size", "samples per curvature product / mini-batch", 16, int),

@@ -120,7 +120,7 @@ def engine_memory_report(engine: Any, config: Any, seed: int = 0) -> dict[str, A
             m.training = t
     g = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) for p in engine.params]
-    curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp)
+    curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp, seed=config.seed)
     with PeakMemory(engine.device) as product:
         engine.product(v, curv, indices=idx, batch_size=config.batch_size)
     return {"batch_samples": len(idx), "train_step": step.result, "product": product.result}

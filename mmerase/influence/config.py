@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 SOLVERS = ("cg", "stochastic", "lissa", "dense", "prepared")
-CURVATURES = ("hessian", "fd-hessian", "ggn", "fisher")
+CURVATURES = ("hessian", "fd-hessian", "ggn", "fisher", "sampled-fisher")
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
@@ -27,7 +27,9 @@ class SolverConfig:
                  'prepared' (δ = M b from a preparation's preconditioner M alone: approximate, no solve; see
                  mmerase.prepare). 'cg' and 'stochastic' given a preconditioner run preconditioned, still exact.
     curvature:   'hessian' (exact double backward), 'fd-hessian' (central differences of gradients),
-                 'ggn' (Gauss-Newton, PSD; needs a Task loss), 'fisher' (empirical Fisher, PSD).
+                 'ggn' (Gauss-Newton, PSD; needs a Task loss), 'fisher' (empirical Fisher, PSD),
+                 'sampled-fisher' (the true Fisher by one seeded label draw per sample, scaled to be unbiased
+                 for the GGN; PSD; needs a Task with sample_targets).
     damping:     λ ≥ 0 added to the curvature.
     tol:         stop when the relative residual ‖(H+λI)δ − b‖/‖b‖ falls below this.
     max_steps:   solver iterations (CG steps, Adam steps, LiSSA recursion steps).

@@ -291,7 +291,7 @@ class InfluenceEngine:
             preconditioner.check_fits(self.names, self.params)
         self._preconditioner = preconditioner
         t0 = time.perf_counter()
-        curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp)
+        curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp, seed=config.seed)
         b = self.edit_gradient(edits, config.batch_size)
         b_norm = V.norm(b)
         if not V.is_finite(b):

@@ -36,8 +36,16 @@ class Task:
         """
         raise NotImplementedError(
             f"{type(self).__name__} does not implement sample_targets(); the sampled-label Fisher needs it "
-            "(use curvature='fisher' with fisher_type='empirical', or 'ggn')"
+            "(use curvature 'fisher', the empirical Fisher, or 'ggn')"
         )
+
+    def label_count(self, batch: Any) -> int:
+        """How many independent categorical targets one sample's loss averages (default 1: one label per sample).
+
+        The sampled-label Fisher multiplies each sample's g̃g̃ᵀ by this, because for a loss that is a *mean* over T
+        independently drawn outputs E[g̃g̃ᵀ] is the Gauss-Newton matrix divided by T.
+        """
+        return 1
 
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(model, batch), batch)

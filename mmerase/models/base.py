@@ -167,6 +167,11 @@ class CausalLMTask(Task):
         """L(z) for each sample of ``batch``, shape ``[batch]``."""
         return per_sample_losses(self.outputs(model, batch), batch["labels"])
 
+    def label_count(self, batch: dict[str, torch.Tensor]) -> int:
+        """The response tokens of a one-sample batch: the independent targets its mean loss averages (see
+        :meth:`Task.label_count`)."""
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     def sample_targets(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor],
                        generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """Copy of ``batch`` whose response tokens are drawn from the model's softmax (sampled-label Fisher)."""
