@@ -59,7 +59,8 @@ MODEL_OPTS = [
 ]
 SOLVER_OPTS = [
     Opt("--solver", "cg: conjugate gradient (fewest products); stochastic: Adam with mini-batch products "
-        "(LLMEraser); lissa; dense: tiny adapters only", "cg", choices=("cg", "stochastic", "lissa", "dense")),
+        "(LLMEraser); lissa; dense: tiny adapters only; prepared: δ = M b from --prepared alone (approximate, no solve)",
+        "cg", choices=("cg", "stochastic", "lissa", "dense", "prepared")),
     Opt("--curvature", "hessian: exact; fd-hessian: finite differences (first-order passes); ggn: Gauss-Newton "
         "(PSD); fisher: empirical Fisher (PSD); sampled-fisher: true Fisher from seeded label draws (PSD)", "hessian",
         choices=("hessian", "fd-hessian", "ggn", "fisher", "sampled-fisher")),
@@ -79,6 +80,22 @@ SCALE_OPTS = [
         "under --deepspeed)", None, choices=("autograd", "fd")),
     Opt("--deepspeed", "DeepSpeed ZeRO-3 config (JSON): partition the frozen base across the ranks of a torchrun/"
         "deepspeed launch (first-order curvatures: fd-hessian, ggn, fisher)", None),
+]
+PREPARED_OPTS = [
+    Opt("--prepared", "preparation folder from `mmerase prepare` for this adapter (or one it descends from), data, "
+        "curvature and damping: preconditions the solve (same answer, fewer products)", None),
+    Opt("--residual-samples", "measure the final residual on a fixed random subset of this many training samples "
+        "(default: the curvature set)", None, _optional_int),
+    Opt("--stationarity-check", "certify δ by the stationarity gap (two gradient passes over the curvature set)",
+        True, boolean=True),
+]
+PREPARE_OPTS = [
+    Opt("--kind", "lowrank: top eigenpairs by Lanczos (exact on them); ekfac / kfac: per-layer Kronecker factors; "
+        "diagonal", "lowrank", choices=("lowrank", "ekfac", "kfac", "diagonal")),
+    Opt("--rank", "Lanczos steps for --kind lowrank (one curvature product each)", 32, int),
+    Opt("--prepare-samples", "build from a fixed random subset of this many training samples (default: all); "
+        "requests stay exact", None, _optional_int),
+    Opt("--probes", "products calibrating the scale of ekfac/kfac/diagonal", 2, int),
 ]
 LORA_OPTS = [
     Opt("--lora-r", "LoRA rank", 8, int),
@@ -141,11 +158,13 @@ def _cmd_unlearn(a: argparse.Namespace) -> int:
                           batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed, lr=a.lr,
                           curvature_samples=a.curvature_samples, refine_steps=a.refine_steps,
                           ggn_jvp=ggn_jvp, progress=a.progress)
+    solver.residual_samples, solver.stationarity_check = a.residual_samples, a.stationarity_check
     exact = a.curvature == "hessian" or (a.curvature == "ggn" and ggn_jvp == "autograd")
     dist = init_from_env()  # torchrun/deepspeed launch: one process group, rank 0 writes
     try:
         outcome = run_unlearn(a.base, a.adapter, a.data, a.edits, a.out, solver=solver,
-                              options=_load_options(a, exact=exact), deepspeed_config=a.deepspeed)
+                              options=_load_options(a, exact=exact), deepspeed_config=a.deepspeed,
+                              prepared=a.prepared)
     finally:
         shutdown(dist)
     if not dist.is_main:
@@ -154,6 +173,23 @@ def _cmd_unlearn(a: argparse.Namespace) -> int:
     state = "converged" if r.converged else f"NOT converged (tol {a.tol:g})"
     print(f"unlearned adapter written to {outcome.out} | residual {r.residual:.2e} ({state}, {r.steps} steps) | "
           f"{outcome.record['timings']['total_s']:.1f} s")
+    return 0
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from .influence import SolverConfig
+    from .influence.precondition import PreconditionerConfig
+    from .workflows import run_prepare
+
+    solver = SolverConfig(curvature=a.curvature, damping=a.damping, batch_size=a.batch_size, seed=a.seed,
+                          progress=a.progress)
+    config = PreconditionerConfig(kind=a.kind, rank=a.rank, samples=a.prepare_samples, batch_size=a.batch_size,
+                                  probes=a.probes, seed=a.seed, progress=a.progress)
+    prep = run_prepare(a.base, a.adapter, a.data, a.out, solver=solver, config=config,
+                       options=_load_options(a, exact=a.curvature in ("hessian", "ggn")))
+    build = prep.record["build"]
+    print(f"preparation ({prep.record['kind']}) written to {a.out} | {build['products']} products, "
+          f"{prep.record['timings']['prepare_s']:.1f} s")
     return 0
 
 
@@ -195,7 +231,13 @@ COMMANDS = [
                           Opt("--data", "the training data the adapter was trained on", required=True),
                           Opt("--edits", "edits file (JSONL: remove / modify / correct / add)", required=True),
                           Opt("--out", "new adapter folder (must not exist)", required=True)]
-            + SOLVER_OPTS + SCALE_OPTS + [PROGRESS], _cmd_unlearn),
+            + SOLVER_OPTS + PREPARED_OPTS + SCALE_OPTS + [PROGRESS], _cmd_unlearn),
+    Command("prepare", "once per adapter: save a preconditioner that makes every later `unlearn --prepared` cheap",
+            MODEL_OPTS + [Opt("--adapter", "the trained peft adapter folder (only read)", required=True),
+                          Opt("--data", "the training data the adapter was trained on", required=True),
+                          Opt("--out", "new preparation folder (must not exist)", required=True)]
+            + [o for o in SOLVER_OPTS if o.flag in ("--curvature", "--damping", "--batch-size", "--seed")]
+            + PREPARE_OPTS + [PROGRESS], _cmd_prepare),
     Command("generate", "greedy answers for an evaluation file (JSONL out: id, answer)",
             MODEL_OPTS + [Opt("--adapter", "peft adapter folder (default: the base alone)", None),
                           Opt("--data", "questions (LLaVA-format JSON or JSONL)", required=True),

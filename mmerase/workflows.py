@@ -116,8 +116,8 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
         model = zero.module
         distributed["zero3"] = {"config": str(deepspeed_config), "zero_optimization": zero.config["zero_optimization"]}
     cache = bundle.feature_cache() if cache_features and deepspeed_config is None else None
-    engine = InfluenceEngine(model, cache.loss_fn if cache else bundle.loss_fn, train,
-                             collate_fn=cache.collate if cache else bundle.collate)
+    engine = InfluenceEngine(model, bundle.loss_fn if cache is None else cache.loss_fn, train,
+                             collate_fn=bundle.collate if cache is None else cache.collate)
     memory = engine_memory_report(engine, solver) if memory_report else {}
     with PeakMemory(engine.device) as solve_memory:
         result = engine.solve([r.edit for r in requests], solver,
@@ -140,7 +140,7 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
         "prepared": None if preparation is None else {
             "path": str(prepared), "kind": preparation.record.get("kind"), "notes": prep_notes,
             "made_for_adapter": (preparation.record.get("adapter") or {}).get("sha256")},
-        "feature_cache": None if cache is None else {"level": cache.level, "images": len(cache),
+        "feature_cache": None if cache is None else {"level": cache.level, "images": cache.n_images,
                                                       "hits": cache.hits, "misses": cache.misses},
     }
     record["timings"]["total_s"] = time.perf_counter() - t0
@@ -164,8 +164,8 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
     bundle = load_model(base, adapter=adapter, options=options)
     t_load = time.perf_counter() - t0
     cache = bundle.feature_cache() if cache_features else None
-    engine = InfluenceEngine(bundle.model, cache.loss_fn if cache else bundle.loss_fn, train,
-                             collate_fn=cache.collate if cache else bundle.collate)
+    engine = InfluenceEngine(bundle.model, bundle.loss_fn if cache is None else cache.loss_fn, train,
+                             collate_fn=bundle.collate if cache is None else cache.collate)
     prep = prepare(engine, solver, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
                    extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
                           "data": {"path": str(data)}, "solver": solver.to_dict(), "load": asdict(options)})

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # the engine imports nothing from here; only type hints point
     from .engine import InfluenceEngine
 
 KINDS = ("diagonal", "kfac", "ekfac", "lowrank")
+#: a Ritz pair (θ, y) is kept when ‖C y − θ y‖ ≤ RITZ_TOL·θ
+RITZ_TOL = 0.1
 
 
 @dataclass
@@ -49,9 +51,12 @@ class PreconditionerConfig:
     samples:   build from a fixed random subset of this many training samples (None: all). The solver's exact
                products stay on the whole curvature set, so a sub-sampled preconditioner costs steps, not accuracy.
     batch_size: samples per gradient pass / product.
-    probes:    exact products spent calibrating the scale of 'diagonal'/'kfac'/'ekfac' (0: no calibration).
+    probes:    exact products spent calibrating the scale of 'diagonal'/'kfac'/'ekfac' (0: no calibration),
+               each over ``probe_samples`` of the build samples (a scale needs few).
     sampled_labels: draw targets from the model (a Monte-Carlo Gauss-Newton) when the loss is a Task that can;
                otherwise the empirical Fisher (the training labels) is used.
+    mc_samples: target draws per sample and pass (one forward, that many backwards): less Monte-Carlo noise in
+               'diagonal' and 'ekfac' estimates, which matters when the build set is small.
     seed:      makes subsets, sampled labels, probes and the Lanczos start vector deterministic.
     """
 
@@ -60,14 +65,16 @@ class PreconditionerConfig:
     samples: int | None = None
     batch_size: int = 16
     probes: int = 2
+    probe_samples: int | None = 64
     sampled_labels: bool = True
+    mc_samples: int = 1
     seed: int = 0
     progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown preconditioner kind '{self.kind}'; choose one of: {', '.join(KINDS)}")
-        for name in ("rank", "batch_size"):
+        for name in ("rank", "batch_size", "mc_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if int(self.probes) < 0:
@@ -284,7 +291,7 @@ def preconditioner_from_state(tensors: dict[str, torch.Tensor], info: dict[str, 
 # ----------------------------------------------------------------------------- building
 def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: float,
                          config: PreconditionerConfig | None = None, *, fd_eps: float | None = None,
-                         ggn_jvp: str = "autograd") -> Preconditioner:
+                         ggn_jvp: str = "autograd", curvature_seed: int = 0) -> Preconditioner:
     """Build a preconditioner for (C + λI), C = ``curvature`` of the mean training loss at the current θ.
 
     Costs (in passes over ``config.samples`` training samples): 'lowrank' ``rank`` products; 'diagonal' one
@@ -295,20 +302,25 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
         raise InfluenceError("a preconditioner needs damping λ > 0 (its tail is scaled by 1/λ); set damping")
     t0 = time.perf_counter()
     idx = engine._subset(config.samples, config.seed)
-    curv = make_curvature(curvature, fd_eps=fd_eps, ggn_jvp=ggn_jvp)
+    curv = make_curvature(curvature, fd_eps=fd_eps, ggn_jvp=ggn_jvp, seed=curvature_seed)
     names, shapes = engine.names, [tuple(p.shape) for p in engine.params]
     meta: dict[str, Any] = {"config": config.to_dict(), "curvature": curvature, "build_samples": len(idx),
                             "n_train": engine.n}
-    products = 0
+    products = product_samples = 0
 
-    def exact(v: V.Vec) -> V.Vec:
-        nonlocal products
+    def exact(v: V.Vec, on: list[int] | None = None) -> V.Vec:
+        nonlocal products, product_samples
+        on = idx if on is None else on
         products += 1
-        return engine.product(v, curv, idx, config.batch_size)
+        product_samples += len(on)
+        return engine.product(v, curv, on, config.batch_size)
 
     if config.kind == "lowrank":
-        values, basis, info = lanczos(exact, engine.params, config.rank, seed=config.seed, progress=config.progress)
-        keep = values > 0
+        values, basis, resid, info = lanczos(exact, engine.params, config.rank, seed=config.seed,
+                                             progress=config.progress)
+        # only converged pairs: an unconverged small Ritz value would set the tail scale far too low
+        keep = (values > 0) & (resid.to(values) <= RITZ_TOL * values)
+        keep[0] = keep[0] or bool(values[0] > 0)  # the top pair converges first; keep it regardless
         values, basis = values[keep], basis[keep]
         tail = float(values.min()) if len(values) else 0.0
         meta.update(info, tail=tail, kept=int(keep.sum()))
@@ -325,17 +337,22 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
             pre = KroneckerPreconditioner(names, shapes, damping, blocks, stats.rest_diagonal(engine.params),
                                           kind=config.kind, meta=meta)
         meta["gradient_passes"] = 2 if config.kind == "ekfac" else 1
-        meta["scale"] = _calibrate(pre, exact, engine.params, config) if config.probes else 1.0
+        probe_idx = idx if config.probe_samples is None or config.probe_samples >= len(idx) else \
+            [idx[i] for i in sorted(torch.randperm(len(idx), generator=torch.Generator().manual_seed(
+                config.seed + 3))[: config.probe_samples].tolist())]
+        meta["scale"] = _calibrate(pre, lambda v: exact(v, probe_idx), engine.params, config) \
+            if config.probes else 1.0
         pre.scale = meta["scale"]  # type: ignore[attr-defined]
-    meta["products"] = products
+    meta["products"], meta["product_samples"] = products, product_samples
     meta["seconds"] = time.perf_counter() - t0
     pre.meta = meta
     return pre
 
 
 def lanczos(matvec: Callable[[V.Vec], V.Vec], like: Sequence[torch.Tensor], steps: int, seed: int = 0,
-            progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """``steps`` Lanczos iterations (full reorthogonalisation) → Ritz values (descending) and Ritz vectors as rows.
+            progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``steps`` Lanczos iterations (full reorthogonalisation) → Ritz values (descending), Ritz vectors as rows and
+    each pair's residual norm ‖C y − θ y‖ = β_k |s_kj| (small: a converged eigenpair).
 
     Stops early when the Krylov space is exhausted (an invariant subspace: the Ritz pairs are then exact).
     """
@@ -361,6 +378,7 @@ def lanczos(matvec: Callable[[V.Vec], V.Vec], like: Sequence[torch.Tensor], step
             bar.update(1)
             b = float(w.norm())
             if j == steps - 1 or b <= 1e-10 * max(abs(a), 1e-30):
+                last_beta = b if b > 1e-10 * max(abs(a), 1e-30) else 0.0
                 break
             betas.append(b)
             basis.append(w / b)
@@ -376,7 +394,9 @@ def lanczos(matvec: Callable[[V.Vec], V.Vec], like: Sequence[torch.Tensor], step
     theta, s = theta[order], s[:, order]
     q_mat = torch.stack(basis[:k]).to(torch.float64)
     ritz = (s.T @ q_mat).to(dtype)
-    return theta.to(dtype), ritz, {"lanczos_steps": k, "ritz_max": float(theta[0]), "ritz_min": float(theta[-1])}
+    residuals = last_beta * s[-1].abs()
+    return theta.to(dtype), ritz, residuals, {"lanczos_steps": k, "ritz_max": float(theta[0]),
+                                              "ritz_min": float(theta[-1])}
 
 
 def _calibrate(pre: Preconditioner, exact: Callable[[V.Vec], V.Vec], params: Sequence[torch.Tensor],
@@ -457,7 +477,9 @@ class _Stats:
             blk = self.eigenbasis[k]
             rot = blk.q_g.T.double() @ per_sample @ blk.q_a.double()
             self.moment[k] = _add(self.moment[k], (rot ** 2).sum(0))
-        self._inputs[k] = None
+
+    def end_batch(self) -> None:
+        self._inputs = [None] * len(self.blocks)
 
     # ---- results
     def kronecker_blocks(self) -> list[_Block]:
@@ -516,10 +538,12 @@ def _gradient_statistics(engine: "InfluenceEngine", idx: list[int], config: Prec
                 chunk = idx[start: start + config.batch_size]
                 batch = engine.collate([engine.train_set[i] for i in chunk])
                 stats.scale = float(len(chunk))
-                loss = _statistics_loss(engine, task, batch, gen, config.sampled_labels,
-                                        f"training samples {chunk[0]}–{chunk[-1]}")
-                torch.autograd.grad(loss, engine.params, allow_unused=True)  # the hooks collect what they need
-                stats.n += len(chunk)
+                losses = _statistics_losses(engine, task, batch, gen, config,
+                                            f"training samples {chunk[0]}–{chunk[-1]}")
+                for d, loss in enumerate(losses):  # the hooks collect what they need
+                    torch.autograd.grad(loss, engine.params, allow_unused=True, retain_graph=d < len(losses) - 1)
+                    stats.n += len(chunk)
+                stats.end_batch()
                 bar.update(len(chunk))
     finally:
         bar.close()
@@ -528,13 +552,15 @@ def _gradient_statistics(engine: "InfluenceEngine", idx: list[int], config: Prec
     return stats
 
 
-def _statistics_loss(engine: "InfluenceEngine", task: Task | None, batch: Any, gen: torch.Generator,
-                     sampled: bool, where: str) -> torch.Tensor:
-    if task is not None and sampled:
+def _statistics_losses(engine: "InfluenceEngine", task: Task | None, batch: Any, gen: torch.Generator,
+                       config: PreconditionerConfig, where: str) -> list[torch.Tensor]:
+    """``mc_samples`` losses on drawn targets sharing one forward, or the training loss when targets cannot be
+    drawn (a plain loss_fn, or a Task without ``sample_targets``)."""
+    if task is not None and config.sampled_labels:
+        outputs = task.outputs(engine.model, batch)
         try:
-            outputs = task.outputs(engine.model, batch)
-            drawn = task.sample_targets(outputs.detach(), batch, gen)
-            return task.loss_from_outputs(outputs, drawn)
+            return [task.loss_from_outputs(outputs, task.sample_targets(outputs.detach(), batch, gen))
+                    for _ in range(config.mc_samples)]
         except NotImplementedError:
             pass
-    return engine.loss(batch, where)
+    return [engine.loss(batch, where)]

@@ -480,6 +480,11 @@ class ModelBundle:
             self.model.train(was_training)
         return torch.cat(out)
 
+    def feature_cache(self) -> Any:
+        """A cache of frozen features for the influence engine (``.collate``/``.loss_fn`` replace the bundle's), or
+        ``None`` when the family has nothing frozen worth caching (text models; see :mod:`.feature_cache`)."""
+        return None
+
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """The adapter (what the engine edits): ``{name: parameter}`` with ``requires_grad=True``."""
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

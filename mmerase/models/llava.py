@@ -3,7 +3,7 @@
 In transformers 5 the modules live at ``model.vision_tower``, ``model.multi_modal_projector`` and
 ``model.language_model`` (plus ``lm_head``). Image features are computed in ``LlavaModel.get_image_features``
 (vision tower → projector) and scattered into the ``<image>`` token positions; with a frozen projector they do not
-depend on the adapter, so they could be cached and passed back as ``mm_encoder_outputs``.
+depend on the adapter, so :meth:`LlavaBundle.feature_cache` caches them and passes them back as ``mm_encoder_outputs``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,18 @@ class LlavaBundle(ModelBundle):
                                                else extra or 0)
         self.feature_select_strategy = (getattr(processor, "vision_feature_select_strategy", None)
                                         or config.vision_feature_select_strategy)
+
+    def feature_cache(self) -> Any:
+        """A :class:`~mmerase.models.feature_cache.FrozenFeatureCache` for the influence engine: projector outputs
+        when vision tower and projector are frozen, vision tower outputs when only the projector trains, ``None``
+        when the vision tower trains."""
+        from mmerase.models.feature_cache import FrozenFeatureCache
+
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if any(p.requires_grad for p in model.model.vision_tower.parameters()):
+            return None
+        trains_projector = any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
+        return FrozenFeatureCache(self, "vision" if trains_projector else "projector")
 
     def _base_config(self) -> Any:
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
