@@ -381,7 +381,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _quiet_libraries() -> None:
     """Our own progress bars and summary line are the output; silence the libraries' loading chatter."""
     import logging
+    import warnings
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside transformers/peft
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("transformers", "peft", "bitsandbytes", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
