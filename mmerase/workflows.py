@@ -112,6 +112,7 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
     t_load = time.perf_counter() - t0
     model, distributed = bundle.model, {"world_size": world()[1], "zero3": None}
     if deepspeed_config is not None:
+        _check_uniform_modality(train, [r.edit for r in requests], data)
         zero = zero3_wrap(bundle.model, deepspeed_config)
         model = zero.module
         distributed["zero3"] = {"config": str(deepspeed_config), "zero_optimization": zero.config["zero_optimization"]}
@@ -172,6 +173,18 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
     prep.record["timings"] = {"load_s": t_load, "prepare_s": time.perf_counter() - t0 - t_load}
     save_preparation(prep, out)
     return prep
+
+
+def _check_uniform_modality(train: list, edits: list, data: str | Path) -> None:
+    """ZeRO-3 gathers each layer collectively, so every rank must run the same modules on every pass: a set that
+    mixes image and text-only samples would hang the ranks instead of failing. Refuse it up front."""
+    samples = list(train) + [s for e in edits for s in (e.old, e.new) if s is not None]
+    kinds = {bool(getattr(s, "has_image", False)) for s in samples}
+    if len(kinds) > 1:
+        n_img = sum(bool(getattr(s, "has_image", False)) for s in samples)
+        raise DataError(f"{data}: under --deepspeed (ZeRO-3) every sample must have an image or none may "
+                        f"({n_img} of {len(samples)} training/edited samples have one); split the data or run "
+                        "without --deepspeed")
 
 
 def run_generate(base: str, adapter: str | Path | None, data: str | Path, out: str | Path, *, options: LoadOptions,

@@ -212,3 +212,15 @@ def test_shipped_configs_are_valid_for_every_command(name):
     else:
         assert values["unlearn"]["load_in_4bit"] is True and values["unlearn"]["solver"] == "cg"
         assert values["finetune"]["lora_r"] == 8 and values["generate"]["max_new_tokens"] == 128
+
+
+def test_zero3_refuses_mixed_image_and_text_data(tmp_path):
+    from mmerase.data import Sample, digit_samples
+    from mmerase.influence import Edit
+    from mmerase.workflows import _check_uniform_modality
+
+    text = Sample("t", [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}])
+    images = digit_samples(range(3))
+    _check_uniform_modality(images, [Edit(old=images[0])], "d.json")  # all images: fine
+    with pytest.raises(ValueError, match=r"d.json: under --deepspeed \(ZeRO-3\).*\(3 of 4"):
+        _check_uniform_modality(images, [Edit(new=text)], "d.json")
