@@ -92,6 +92,14 @@ def test_full_rank_lanczos_is_the_exact_inverse(mlp_problem):
                        preconditioner=pre)
     assert _rel(direct.delta, ref.delta) < 1e-8 and direct.product_samples == eng.n  # one residual product
 
+    class TenTimes:  # an M that overestimates (H+λI)⁻¹ tenfold: the step α = 1/10 undoes it
+        def apply(self, r):
+            return V.scale(10.0, pre.apply(r))
+
+    scaled = eng.solve(edits, SolverConfig(method="prepared", curvature="ggn", damping=0.01, progress=False),
+                       preconditioner=TenTimes())
+    assert _rel(scaled.delta, ref.delta) < 1e-8 and abs(scaled.info["step"] - 0.1) < 1e-9
+
 
 def test_lanczos_ritz_values_are_eigenvalues():
     eng = lora_engine(n=30)

@@ -5,10 +5,11 @@ from .curvature import CURVATURE_BACKENDS, Curvature, make_curvature
 from .edits import Edit
 from .engine import InfluenceEngine, SolveResult
 from .errors import InfluenceError, NotPositiveDefiniteError, SolverDivergedError
+from .precondition import Preconditioner, PreconditionerConfig, build_preconditioner
 from .task import Task
 
 __all__ = [
     "CURVATURES", "CURVATURE_BACKENDS", "Curvature", "Edit", "InfluenceEngine", "InfluenceError",
-    "NotPositiveDefiniteError", "SOLVERS", "SolveResult", "SolverConfig", "SolverDivergedError", "Task",
-    "make_curvature",
+    "NotPositiveDefiniteError", "Preconditioner", "PreconditionerConfig", "SOLVERS", "SolveResult", "SolverConfig",
+    "SolverDivergedError", "Task", "build_preconditioner", "make_curvature",
 ]

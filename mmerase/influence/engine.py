@@ -94,6 +94,10 @@ class _Problem:
         r = V.sub(self._damped(x, self.resid_idx), self.b)
         return V.norm(r) / V.norm(self.b)
 
+    def residual_matvec(self, v: V.Vec) -> V.Vec:
+        """(H + λI) v over the residual set (the samples ``residual`` measures on)."""
+        return self._damped(v, self.resid_idx)
+
 
 class InfluenceEngine:
     """Influence-function unlearning for the trainable parameters of any torch module.

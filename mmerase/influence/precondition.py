@@ -10,7 +10,13 @@ products or gradient passes, so they serve any model and any curvature:
   projector), Kronecker factors A = E[a aᵀ] of the inputs and G = E[g gᵀ] of the output gradients; ``ekfac``
   replaces the eigenvalues λ_G ⊗ λ_A by the second moments of per-sample gradients in that eigenbasis.
 - ``lowrank``: k Lanczos steps with exact products give the top eigenpairs (μ, V) of H; then
-  M = V diag(1/(μ+λ)) Vᵀ + (I − VVᵀ)/(μ_k + λ) (Nyström-PCG style: the tail is scaled like the smallest kept pair).
+  M = V diag(1/(μ+λ)) Vᵀ + (I − VVᵀ)/(μ_k + λ) (Nyström-PCG style: the tail is scaled like the smallest kept pair;
+  only converged Ritz pairs are kept, so an inaccurate small Ritz value cannot blow the tail up).
+
+Measured on LoRA adapters (tests, ``benchmarks/request_reuse.md``): ``lowrank`` cuts CG steps; the block-diagonal
+ones (``diagonal``, ``kfac``, ``ekfac``) can *increase* them, even with the exact diagonal, because LoRA's A and B
+factors (and layers) are strongly coupled, which a block-diagonal M ignores. They stay exact (PCG with any SPD M
+is) and cost only gradient passes, so they remain useful as the approximate one-step answer's direction.
 
 The Monte-Carlo estimates have the right shape but not necessarily the right scale for the curvature asked for
 (a sampled Fisher of a token-mean loss is the Gauss-Newton matrix divided by the token count); a global factor c
@@ -47,7 +53,7 @@ class PreconditionerConfig:
     """How to build a preconditioner.
 
     kind:      'diagonal', 'kfac', 'ekfac' or 'lowrank' (see the module docstring).
-    rank:      Lanczos steps for 'lowrank' (= exact products spent; Ritz pairs kept are those with μ > 0).
+    rank:      Lanczos steps for 'lowrank' (= exact products spent; the converged Ritz pairs are kept).
     samples:   build from a fixed random subset of this many training samples (None: all). The solver's exact
                products stay on the whole curvature set, so a sub-sampled preconditioner costs steps, not accuracy.
     batch_size: samples per gradient pass / product.
@@ -95,6 +101,8 @@ class Preconditioner:
     """
 
     kind: ClassVar[str] = "base"
+    #: its scale comes from exact products (not an estimate): a one-step answer M b needs no step-length search
+    trusted_scale: ClassVar[bool] = False
 
     def __init__(self, names: Sequence[str], shapes: Sequence[Sequence[int]], damping: float,
                  meta: dict[str, Any] | None = None) -> None:
@@ -135,10 +143,6 @@ class Preconditioner:
         missing = [n for n in self.names if n not in set(names)]
         raise InfluenceError(f"the preconditioner covers parameter '{missing[0] if missing else '?'}' that this "
                              "model does not train (prepare again for this adapter)")
-
-    def to(self, like: Sequence[torch.Tensor]) -> "Preconditioner":
-        """Move the stored tensors next to the parameters (device and dtype); returns self."""
-        return self
 
 
 def _to_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -250,6 +254,7 @@ class LowRankPreconditioner(Preconditioner):
     """M = V diag(1/(μ+λ)) Vᵀ + (I − VVᵀ)/(τ+λ): exact inverse on the top eigenspace, scalar on the rest."""
 
     kind = "lowrank"
+    trusted_scale = True
 
     def __init__(self, names, shapes, damping, basis: torch.Tensor, values: torch.Tensor, tail: float,
                  meta=None) -> None:

@@ -40,6 +40,9 @@ class LinearProblem(Protocol):
 
     def residual(self, x: V.Vec) -> float: ...
 
+    # optional: (H+λI) v over the residual set; solvers fall back to matvec without it
+    # def residual_matvec(self, v: V.Vec) -> V.Vec: ...
+
 
 @dataclass
 class SolverOutput:
@@ -225,22 +228,31 @@ def _solve_stochastic_preconditioned(problem: LinearProblem, config: SolverConfi
 
 
 def solve_prepared(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
-    """δ = M b from a preparation's preconditioner alone: no solve, so no curvature products except the one that
-    measures the residual on the residual set (make it small with ``residual_samples``). Approximate: the
-    residual it reports says how far from the exact solution it is; use 'cg' with the same preparation for an
-    exact answer."""
+    """δ = α M b from a preparation's preconditioner M: one preconditioned step from 0. For an M whose scale is
+    estimated (``trusted_scale`` false: diagonal, K-FAC, EK-FAC) α = bᵀMb / (Mb)ᵀ(H+λI)(Mb) minimises
+    ½δᵀ(H+λI)δ − bᵀδ along Mb, so an M that overestimates (H+λI)⁻¹ somewhere cannot overshoot (α = 1 when M is
+    exact); an M built from exact eigenpairs (low-rank) keeps α = 1, which beats an α measured on a small residual
+    set (measured: benchmarks/request_reuse.md). One product, over the residual set: α and the reported residual
+    (make it cheap with ``residual_samples``). No solve, so approximate; 'cg' with the same preconditioner gives
+    the exact answer."""
     m = _preconditioner(problem)
     if m is None:
         raise InfluenceError("solver 'prepared' answers from a preparation: pass preconditioner= (or --prepared)")
+    matvec = getattr(problem, "residual_matvec", None) or problem.matvec
+    b = problem.b
     tr = _Tracker(problem, config, 1, "prepared")
     try:
-        x = m.apply(problem.b)
+        x = m.apply(b)
         _check_finite(x, "prepared", 1, "rebuild the preparation")
-        res = problem.residual(x)
+        ax = matvec(x)
+        curv = V.dot(x, ax)
+        alpha = 1.0 if getattr(m, "trusted_scale", False) or not curv > 0 else V.dot(b, x) / curv
+        x = V.scale(alpha, x)
+        res = V.norm(V.axpy(alpha, ax, V.scale(-1.0, b))) / V.norm(b)
         tr.record(1, res)
     finally:
         tr.close()
-    return SolverOutput(x, res, res < config.tol, 1, tr.history, {"preconditioned": True})
+    return SolverOutput(x, res, res < config.tol, 1, tr.history, {"preconditioned": True, "step": alpha})
 
 
 def _power_iteration(problem: LinearProblem, iters: int = 20, seed: int = 0) -> float:
