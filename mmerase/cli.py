@@ -59,8 +59,8 @@ MODEL_OPTS = [
 ]
 SOLVER_OPTS = [
     Opt("--solver", "cg: conjugate gradient (fewest products); stochastic: Adam with mini-batch products "
-        "(LLMEraser); lissa; dense: tiny adapters only; prepared: δ = M b from --prepared alone (approximate, no solve)",
-        "cg", choices=("cg", "stochastic", "lissa", "dense", "prepared")),
+        "(LLMEraser); lissa; dense: tiny adapters only; prepared: one step with --prepared's preconditioner "
+        "(approximate, no solve)", "cg", choices=("cg", "stochastic", "lissa", "dense", "prepared")),
     Opt("--curvature", "hessian: exact; fd-hessian: finite differences (first-order passes); ggn: Gauss-Newton "
         "(PSD); fisher: empirical Fisher (PSD); sampled-fisher: true Fisher from seeded label draws (PSD)", "hessian",
         choices=("hessian", "fd-hessian", "ggn", "fisher", "sampled-fisher")),
