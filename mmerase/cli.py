@@ -44,6 +44,22 @@ def _optional_float(text: str) -> float | None:
     return None if str(text).lower() in ("none", "null", "") else float(text)
 
 
+def _damping(text: str) -> float | str:
+    if str(text).lower() == "auto":
+        return "auto"
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
+def _optional_damping(text: str) -> float | str | None:
+    return None if str(text).lower() in ("none", "null", "") else _damping(text)
+
+
+_damping.__name__ = _optional_damping.__name__ = "damping (a number ≥ 0 or 'auto')"  # argparse names the type
+
+
 def _optional_int(text: str) -> int | None:
     return None if str(text).lower() in ("none", "null", "") else int(text)
 
@@ -64,7 +80,10 @@ SOLVER_OPTS = [
     Opt("--curvature", "hessian: exact; fd-hessian: finite differences (first-order passes); ggn: Gauss-Newton "
         "(PSD); fisher: empirical Fisher (PSD); sampled-fisher: true Fisher from seeded label draws (PSD)", "hessian",
         choices=("hessian", "fd-hessian", "ggn", "fisher", "sampled-fisher")),
-    Opt("--damping", "λ added to the curvature (H + λI); raise it if CG reports non-positive curvature", 0.1, float),
+    Opt("--damping", "λ added to the curvature (H + λI): a number, or auto: --damping-scale × the curvature's top "
+        "eigenvalue (a few Lanczos products), raised when the curvature shows negative eigenvalues or CG meets "
+        "them; the λ used is in the run record", "auto", _damping),
+    Opt("--damping-scale", "the fraction of the top eigenvalue that --damping auto takes", 1e-2, float),
     Opt("--tol", "stop when ‖(H+λI)δ − b‖/‖b‖ is below this", 1e-4, float),
     Opt("--batch-size", "samples per curvature product / mini-batch", 16, int),
     Opt("--max-steps", "solver iterations", 100, int),
@@ -154,8 +173,9 @@ def _cmd_unlearn(a: argparse.Namespace) -> int:
     from .workflows import run_unlearn
 
     ggn_jvp = a.ggn_jvp or ("fd" if a.deepspeed else "autograd")
-    solver = SolverConfig(method=a.solver, curvature=a.curvature, damping=a.damping, tol=a.tol,
-                          batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed, lr=a.lr,
+    solver = SolverConfig(method=a.solver, curvature=a.curvature, damping=a.damping,
+                          damping_scale=a.damping_scale, tol=a.tol, batch_size=a.batch_size,
+                          max_steps=a.max_steps, seed=a.seed, lr=a.lr,
                           curvature_samples=a.curvature_samples, refine_steps=a.refine_steps,
                           ggn_jvp=ggn_jvp, progress=a.progress)
     solver.residual_samples, solver.stationarity_check = a.residual_samples, a.stationarity_check
@@ -181,8 +201,8 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     from .influence.precondition import PreconditionerConfig
     from .workflows import run_prepare
 
-    solver = SolverConfig(curvature=a.curvature, damping=a.damping, batch_size=a.batch_size, seed=a.seed,
-                          progress=a.progress)
+    solver = SolverConfig(curvature=a.curvature, damping=a.damping, damping_scale=a.damping_scale,
+                          batch_size=a.batch_size, seed=a.seed, progress=a.progress)
     config = PreconditionerConfig(kind=a.kind, rank=a.rank, samples=a.prepare_samples, batch_size=a.batch_size,
                                   probes=a.probes, seed=a.seed, progress=a.progress)
     prep = run_prepare(a.base, a.adapter, a.data, a.out, solver=solver, config=config,
@@ -236,7 +256,8 @@ COMMANDS = [
             MODEL_OPTS + [Opt("--adapter", "the trained peft adapter folder (only read)", required=True),
                           Opt("--data", "the training data the adapter was trained on", required=True),
                           Opt("--out", "new preparation folder (must not exist)", required=True)]
-            + [o for o in SOLVER_OPTS if o.flag in ("--curvature", "--damping", "--batch-size", "--seed")]
+            + [o for o in SOLVER_OPTS if o.flag in ("--curvature", "--damping", "--damping-scale", "--batch-size",
+                                                     "--seed")]
             + PREPARE_OPTS + [PROGRESS], _cmd_prepare),
     Command("generate", "greedy answers for an evaluation file (JSONL out: id, answer)",
             MODEL_OPTS + [Opt("--adapter", "peft adapter folder (default: the base alone)", None),
@@ -254,7 +275,8 @@ COMMANDS = [
                  choices=("cg", "stochastic", "lissa", "dense")),
              Opt("--curvature", "curvature (see `mmerase unlearn --help`)", "ggn",
                  choices=("hessian", "fd-hessian", "ggn", "fisher")),
-             Opt("--damping", "damping λ (default: the demo's validated value)", None, _optional_float),
+             Opt("--damping", "damping λ: a number or auto (default: the demo's validated value)", None,
+                 _optional_damping),
              Opt("--refine-steps", "Newton refinement steps after the influence update", 0, int),
              Opt("--quick", "reduced sizes (for tests)", False, boolean=True), PROGRESS], _cmd_demo),
 ]

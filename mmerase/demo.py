@@ -48,7 +48,7 @@ class DemoConfig:
     corruption: float = 0.2
     solver: str = "cg"
     curvature: str = "ggn"
-    damping: float | None = None  # None: the demo's default below
+    damping: float | str | None = None  # None: the demo's default below; 'auto': estimated from the curvature
     refine_steps: int = 0
     progress: bool | None = None
     n_pretrain: int = 500
@@ -74,7 +74,7 @@ class DemoConfig:
             self.pretrain_epochs, self.epochs = 5, 4
 
     @property
-    def solver_damping(self) -> float:
+    def solver_damping(self) -> float | str:
         return 0.01 if self.damping is None else self.damping
 
 
@@ -234,6 +234,7 @@ def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
             "name": TASK_NAMES[task], "n_edits": len(bad), "rows": rows,
             "retrain_seconds": timings[retrained_name[task]],
             "unlearn_seconds": outcome.record["timings"]["solve_s"],
+            "damping": res.config.get("damping"), "damping_estimate": res.info.get("damping"),
             "residual": res.residual, "converged": res.converged, "solver_steps": res.steps,
             "stationarity_gap": res.info.get("stationarity_gap"),
             "residual_history": [(h["step"], h["residual"]) for h in res.history],
@@ -261,6 +262,12 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def _damping_text(solver: dict[str, Any]) -> str:
+    if solver["damping"] == "auto":
+        return f"auto ({solver['damping_scale']:g} × the curvature's top eigenvalue)"
+    return f"{solver['damping']:g}"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     s = report["sizes"]
     lines = [
@@ -268,7 +275,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{s['train']} training pairs, {s['edits']} corrupted ({100 * report['config']['corruption']:.0f}%), "
         f"{s['test']} held-out digits; base pre-trained on {s['pretrain']} other digits. "
         f"Solver: {report['solver']['method']}, curvature {report['solver']['curvature']}, "
-        f"damping {report['solver']['damping']:g}, refinement steps {report['solver']['refine_steps']}.", "",
+        f"damping {_damping_text(report['solver'])}, refinement steps {report['solver']['refine_steps']}.", "",
     ]
     for task, sc in report["scenarios"].items():
         rows = sc["rows"]
@@ -286,7 +293,10 @@ def _markdown(report: dict[str, Any]) -> str:
         else:
             lines.append(f"- recovery of the edited-set accuracy gap: {_fmt(sc['recovery_edited_acc'])}, "
                          f"of the edited-set loss gap: {_fmt(sc['recovery_edited_loss'])}")
-        lines += [f"- time: retrain {sc['retrain_seconds']:.1f} s, unlearn {sc['unlearn_seconds']:.1f} s; final "
+        lines += [f"- damping λ = {sc['damping']:.3g}" + (f" ({sc['damping_estimate']['rule']}, top eigenvalue "
+                                                         f"{sc['damping_estimate']['top_eigenvalue']:.3g})"
+                                                         if sc.get("damping_estimate") else ""),
+                  f"- time: retrain {sc['retrain_seconds']:.1f} s, unlearn {sc['unlearn_seconds']:.1f} s; final "
                   f"residual {sc['residual']:.1e} after {sc['solver_steps']} steps, stationarity gap "
                   f"{_fmt(sc['stationarity_gap'])}", ""]
     m = report["machine"]

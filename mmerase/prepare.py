@@ -56,8 +56,10 @@ def prepare(engine: InfluenceEngine, solver: SolverConfig, config: Preconditione
             adapter_sha256: str | None = None, data_sha256: str | None = None,
             extra: dict[str, Any] | None = None) -> Preparation:
     """Build a preparation for ``engine`` at its current parameters, for ``solver.curvature`` and
-    ``solver.damping``. The hashes identify the adapter and data it is made for (``None``: unchecked later)."""
+    ``solver.damping`` (damping='auto' is estimated here and the value stored; later 'auto' requests reuse it).
+    The hashes identify the adapter and data it is made for (``None``: unchecked later)."""
     config = config or PreconditionerConfig(batch_size=solver.batch_size, seed=solver.seed, progress=solver.progress)
+    solver, damping_info = engine.resolve_damping(solver)
     pre = build_preconditioner(engine, solver.curvature, solver.damping, config, fd_eps=solver.fd_eps,
                                ggn_jvp=solver.ggn_jvp, curvature_seed=solver.seed)
     record = {
@@ -66,6 +68,7 @@ def prepare(engine: InfluenceEngine, solver: SolverConfig, config: Preconditione
         "adapter": {"sha256": adapter_sha256}, "data": {"sha256": data_sha256, "n": engine.n},
         "preconditioner": pre.info(), "build": {k: v for k, v in pre.meta.items() if k != "config"},
         "config": config.to_dict(), "versions": versions(), "machine": machine(),
+        "damping_estimate": damping_info,
     }
     for key, value in (extra or {}).items():
         record[key] = {**record.get(key, {}), **value} if isinstance(value, dict) else value
@@ -123,7 +126,7 @@ def check_preparation(prep: Preparation, *, adapter_sha256: str | None, data_sha
         raise PreparationError(f"{where} was made for curvature '{rec.get('curvature')}', this request uses "
                                f"'{solver.curvature}'; pass --curvature {rec.get('curvature')} or prepare again")
     made_damping = float(rec.get("damping", float("nan")))
-    if not math.isclose(made_damping, solver.damping, rel_tol=1e-9, abs_tol=0.0):
+    if not solver.auto_damping and not math.isclose(made_damping, solver.damping, rel_tol=1e-9, abs_tol=0.0):
         raise PreparationError(f"{where} was made for damping {made_damping:g}, this request uses "
                                f"{solver.damping:g}; pass --damping {made_damping:g} or prepare again")
     made_data = (rec.get("data") or {}).get("sha256")

@@ -24,12 +24,18 @@ from mmerase.generation import progress_enabled
 @dataclass
 class TrainConfig:
     """AdamW fine-tuning settings. ``schedule``: ``constant``, ``linear`` or ``cosine`` decay to 0 after
-    ``warmup_steps``. ``progress=None`` shows a bar only on a terminal."""
+    ``warmup_steps``. ``progress=None`` shows a bar only on a terminal.
+
+    ``l2`` adds (l2/2)‖θ‖² to the objective (its gradient l2·θ before clipping), unlike AdamW's decoupled
+    ``weight_decay``: trained to convergence, the adapter then solves ∇R(θ) + l2·θ = 0, the regularised problem
+    whose influence update is exactly (H + l2·I)δ = b, i.e. damping λ = l2 is the training's own regulariser.
+    """
 
     epochs: int = 3
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.0
+    l2: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: float | None = 1.0
     schedule: str = "constant"
@@ -104,6 +110,10 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor], s
                                                  "lower the learning rate")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if config.l2:
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad.add_(p.detach(), alpha=config.l2)
                     if config.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                     opt.step()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,9 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
     previous = read_record(adapter)
     preparation, prep_notes = open_preparation(prepared, adapter=adapter, data=data, solver=solver,
                                                adapter_record=previous) if prepared else (None, [])
+    if preparation is not None and solver.auto_damping:  # the preparation fixed λ; 'auto' means: use it
+        solver = replace(solver, damping=preparation.damping)
+        prep_notes.append(f"damping 'auto' uses the preparation's λ = {preparation.damping:g}")
     bundle = load_model(base, adapter=adapter, options=options)
     t_load = time.perf_counter() - t0
     model, distributed = bundle.model, {"world_size": world()[1], "zero3": None}
@@ -135,6 +138,8 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
         "adapter": {"path": str(adapter), "sha256": adapter_sha},
         "data": _file_info(data, len(train)), "edits": request["edits"], "ops": request["ops"],
         "solver": solver.to_dict(), "result": result.summary(), "load": asdict(options),
+        "damping": {"requested": solver.damping, "used": result.config.get("damping", solver.damping),
+                    "estimate": result.info.get("damping")},
         "timings": {"load_s": t_load, "solve_s": t_solve},
         "versions": versions(), "machine": machine(), "distributed": distributed, "memory": memory,
         "chain": (previous or {}).get("chain", []) + [request],

@@ -119,6 +119,26 @@ def test_config_file_values_and_flag_override(text_run, tiny_llama_dir, tmp_path
     assert "unlearned adapter written to" in stdout and "residual" in stdout
 
 
+def test_default_damping_is_estimated_and_recorded(text_run, tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "u"
+    code, _, err = _run(["unlearn", "--base", tiny_llama_dir, "--adapter", text_run["adapter"], "--data",
+                         text_run["data"], "--edits", text_run["edits"], "--out", out, "--curvature", "ggn",
+                         "--damping-scale", "0.05", "--tol", "1e-6", "--max-steps", "100", "--no-progress"], capsys)
+    assert code == 0, err
+    rec = json.loads((out / "mmerase_record.json").read_text())
+    est = rec["damping"]["estimate"]
+    assert rec["solver"]["damping"] == "auto" and rec["damping"]["requested"] == "auto"
+    assert est["rule"] == "0.05 × top eigenvalue" and est["top_eigenvalue"] > 0 and est["increases"] == []
+    assert rec["damping"]["used"] == pytest.approx(0.05 * est["top_eigenvalue"]) == rec["result"]["config"]["damping"]
+    assert rec["result"]["converged"] and rec["result"]["residual"] < 1e-6
+
+
+def test_bad_damping_value(text_run, tiny_llama_dir, tmp_path, capsys):
+    msg = _error(["unlearn", "--base", tiny_llama_dir, "--adapter", text_run["adapter"], "--data", text_run["data"],
+                  "--edits", text_run["edits"], "--out", tmp_path / "o", "--damping", "big"], capsys)
+    assert "--damping" in msg and "'big'" in msg and "auto" in msg
+
+
 # ----------------------------------------------------------------------------- user errors: one line, exit 2
 def _error(args, capsys) -> str:
     code, _, err = _run(args, capsys)

@@ -30,7 +30,11 @@ class SolverConfig:
                  'ggn' (Gauss-Newton, PSD; needs a Task loss), 'fisher' (empirical Fisher, PSD),
                  'sampled-fisher' (the true Fisher by one seeded label draw per sample, scaled to be unbiased
                  for the GGN; PSD; needs a Task with sample_targets).
-    damping:     λ ≥ 0 added to the curvature.
+    damping:     λ ≥ 0 added to the curvature, or 'auto' (the default): λ = damping_scale × the curvature's top
+                 eigenvalue, raised when the curvature shows negative eigenvalues (see mmerase.influence.damping);
+                 the value used and how it was found are in ``result.info['damping']``.
+    damping_scale: the fraction of the top eigenvalue that 'auto' takes.
+    damping_steps: Lanczos steps (curvature products) that 'auto' spends on the spectrum.
     tol:         stop when the relative residual ‖(H+λI)δ − b‖/‖b‖ falls below this.
     max_steps:   solver iterations (CG steps, Adam steps, LiSSA recursion steps).
     batch_size:  samples per product / gradient chunk (mini-batch size for 'stochastic' and 'lissa').
@@ -58,7 +62,9 @@ class SolverConfig:
 
     method: str = "cg"
     curvature: str = "hessian"
-    damping: float = 1e-3
+    damping: float | str = "auto"
+    damping_scale: float = 1e-2
+    damping_steps: int = 20
     tol: float = 1e-4
     max_steps: int = 200
     batch_size: int = 16
@@ -80,11 +86,18 @@ class SolverConfig:
         _check_choice("solver", self.method, SOLVERS)
         _check_choice("curvature", self.curvature, CURVATURES)
         _check_choice("ggn_jvp", self.ggn_jvp, ("autograd", "fd"))
-        if not (self.damping >= 0):
-            raise ValueError(f"damping must be ≥ 0, got {self.damping}")
+        if isinstance(self.damping, str) and self.damping != "auto":
+            try:
+                self.damping = float(self.damping)
+            except ValueError:
+                raise ValueError(f"damping must be a number ≥ 0 or 'auto', got '{self.damping}'") from None
+        if self.damping != "auto" and not (self.damping >= 0):
+            raise ValueError(f"damping must be ≥ 0 or 'auto', got {self.damping}")
+        if not (self.damping_scale > 0):
+            raise ValueError(f"damping_scale must be > 0, got {self.damping_scale}")
         if not (self.tol > 0):
             raise ValueError(f"tol must be > 0, got {self.tol}")
-        for name in ("max_steps", "batch_size", "eval_every", "dense_max_params"):
+        for name in ("max_steps", "batch_size", "eval_every", "dense_max_params", "damping_steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if int(self.refine_steps) < 0:
@@ -108,6 +121,11 @@ class SolverConfig:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"unknown solver option '{unknown[0]}'{hint}")
         return cls(**values)
+
+    @property
+    def auto_damping(self) -> bool:
+        """True when λ is to be estimated from the curvature ('auto')."""
+        return self.damping == "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

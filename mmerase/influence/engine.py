@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from ..utils import batch_size_of, model_device, move_to
 from . import vectors as V
 from .config import SolverConfig
 from .curvature import Curvature, make_curvature
+from .damping import MAX_INCREASES, estimate_damping, raised_damping
 from .distributed import all_reduce_, check_product_support, shard, world
 from .edits import Edit
-from .errors import InfluenceError
+from .errors import InfluenceError, NotPositiveDefiniteError
 from .solvers import SOLVERS, Preconditioner
 
 
@@ -269,6 +271,29 @@ class InfluenceEngine:
             total = self.gradient_sum(_Indexed(self.train_set, indices), batch_size, "training sample")
         return V.scale(1.0 / len(indices), total)
 
+    def resolve_damping(self, config: SolverConfig, curvature: Curvature | None = None,
+                        indices: list[int] | None = None) -> tuple[SolverConfig, dict[str, Any] | None]:
+        """``config`` with damping='auto' replaced by its estimate from the curvature's spectrum over ``indices``
+        (default: the curvature set), and what the estimate saw; a numeric damping passes through (info None)."""
+        if not config.auto_damping:
+            return config, None
+        curv = curvature or make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp,
+                                           seed=config.seed)
+        idx = self._subset(config.curvature_samples, config.seed) if indices is None else indices
+        used = [0]
+
+        def matvec(v: V.Vec) -> V.Vec:
+            used[0] += len(idx)
+            return self.product(v, curv, idx, config.batch_size)
+
+        try:
+            lam, info = estimate_damping(matvec, self.params, config.damping_scale, config.damping_steps,
+                                         seed=config.seed, progress=config.progress)
+        except ValueError as e:
+            raise InfluenceError(f"automatic damping: {e}") from e
+        info["product_samples"] = used[0]
+        return dataclasses.replace(config, damping=lam), info
+
     def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None,
               preconditioner: Preconditioner | None = None) -> SolveResult:
         """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ.
@@ -311,7 +336,13 @@ class InfluenceEngine:
             return SolveResult(zero, 0.0, True, 0, [], 0.0, 0.0, 0, time.perf_counter() - t0, config.to_dict(),
                                {**info, "note": "b = 0: the edits do not change the objective"})
 
-        out, samples = self._linear_solve(curv, config, b, curv_idx, resid_idx)
+        config, damping_info = self.resolve_damping(config, curv, curv_idx)
+        samples = 0
+        if damping_info is not None:
+            info["damping"] = damping_info
+            samples += damping_info["product_samples"]
+        out, used, config = self._damped_solve(curv, config, b, curv_idx, resid_idx, damping_info)
+        samples += used
         x, history, steps = out.x, [dict(h, newton_step=1) for h in out.history], out.steps
         info.update(out.info)
         need_gap = config.refine_steps > 0 or config.stationarity_check
@@ -331,8 +362,8 @@ class InfluenceEngine:
                     refinement.append({"newton_step": k + 1, "stationarity_gap": gap})
                     if k == config.refine_steps:
                         break
-                    step_out, step_samples = self._linear_solve(curv, config, V.scale(-1.0, grad), curv_idx,
-                                                                resid_idx)
+                    step_out, step_samples, config = self._damped_solve(curv, config, V.scale(-1.0, grad),
+                                                                        curv_idx, resid_idx, damping_info)
                     samples += step_samples
                     steps += step_out.steps
                     history += [dict(h, newton_step=k + 2) for h in step_out.history]
@@ -379,9 +410,31 @@ class InfluenceEngine:
     def _linear_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
                       resid_idx: list[int]) -> tuple[Any, int]:
         problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx, getattr(self, "_preconditioner", None))
-        with self._inference_mode():
-            out = SOLVERS[config.method](problem, config)
+        try:
+            with self._inference_mode():
+                out = SOLVERS[config.method](problem, config)
+        except NotPositiveDefiniteError as e:
+            e.product_samples = problem.product_samples
+            raise
         return out, problem.product_samples
+
+    def _damped_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
+                      resid_idx: list[int], damping_info: dict[str, Any] | None) -> tuple[Any, int, SolverConfig]:
+        """A linear solve; with automatic damping, non-positive curvature met by CG raises λ (up to MAX_INCREASES
+        times, each recorded in ``damping_info['increases']``) and solves again. Returns the config used."""
+        samples = 0
+        while True:
+            try:
+                out, used = self._linear_solve(curv, config, rhs, curv_idx, resid_idx)
+                return out, samples + used, config
+            except NotPositiveDefiniteError as e:
+                samples += getattr(e, "product_samples", 0)
+                if damping_info is None or e.rayleigh is None or len(damping_info["increases"]) >= MAX_INCREASES:
+                    raise
+                lam = raised_damping(config.damping, e.rayleigh)
+                damping_info["increases"].append({"from": config.damping, "to": lam, "rayleigh": e.rayleigh})
+                damping_info["value"] = lam
+                config = dataclasses.replace(config, damping=lam)
 
     def _set_params(self, base: V.Vec, offset: V.Vec | None) -> None:
         """θ ← base (+ offset), exactly."""

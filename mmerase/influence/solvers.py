@@ -111,7 +111,8 @@ def solve_cg(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
                 raise NotPositiveDefiniteError(
                     f"cg met non-positive curvature at step {step}: pᵀ(H+λI)p = {pap:.3e} ≤ 0 with damping "
                     f"λ={problem.damping:g}, so H+λI is not positive definite and (H+λI)δ=b has no minimiser "
-                    "that CG can find. Increase --damping, or use a PSD curvature ('ggn' or 'fisher')."
+                    "that CG can find. Increase --damping, or use a PSD curvature ('ggn' or 'fisher').",
+                    rayleigh=pap / V.dot(p, p) - problem.damping,
                 )
             alpha = rz / pap
             x = V.axpy(alpha, p, x)
