@@ -49,6 +49,7 @@ class DemoConfig:
     solver: str = "cg"
     curvature: str = "ggn"
     damping: float | str | None = None  # None: the demo's default below; 'auto': estimated from the curvature
+    damping_scale: float = 1e-2
     refine_steps: int = 0
     progress: bool | None = None
     n_pretrain: int = 500
@@ -112,8 +113,8 @@ def _train_adapter(base: Path, samples: list[Sample], out: Path, cfg: DemoConfig
     return res.seconds
 
 
-def _evaluate(base: Path, adapter: Path, sets: dict[str, tuple[list[Sample], list[int]]], cfg: DemoConfig
-              ) -> dict[str, float]:
+def evaluate_adapter(base: Path, adapter: Path, sets: dict[str, tuple[list[Sample], list[int]]], cfg: DemoConfig
+                     ) -> dict[str, float]:
     """Accuracy of greedy answers and mean loss L(z) on each named sample set."""
     bundle = load_model(base, adapter=adapter, options=LoadOptions(device="cpu"))
     out: dict[str, float] = {}
@@ -154,7 +155,60 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None) -> dict[str, Any]:
     return report
 
 
-def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
+@dataclass
+class Scenarios:
+    """Everything the demo's scenarios share, on disk: the base, data and edits files, the corrupted and retrained
+    adapters, and the held-out splits (``validation``: the digits neither trained on nor tested; for choosing
+    defaults, so that the test split is only reported)."""
+
+    root: Path
+    base: Path
+    data_dir: Path
+    adapters: Path
+    clean: list[Sample]
+    corrupted_rc: list[Sample]
+    bad: list[int]
+    bad_ids: list[str]
+    wrong_label: dict[int, int]
+    edited_truth: list[int]
+    test: tuple[list[Sample], list[int]]
+    validation: tuple[list[Sample], list[int]]
+    sizes: dict[str, int]
+    timings: dict[str, float]
+
+    def train_file(self, task: str) -> Path:
+        return self.data_dir / TRAIN_FILE[task]
+
+    def edits_file(self, task: str) -> Path:
+        return self.data_dir / f"edits_{task}.jsonl"
+
+    def corrupted(self, task: str) -> Path:
+        return self.adapters / CORRUPTED[task]
+
+    def retrained(self, task: str) -> Path:
+        return self.adapters / RETRAINED[task]
+
+    def retrain_seconds(self, task: str) -> float:
+        return self.timings[RETRAINED[task]]
+
+    def eval_sets(self, task: str, held_out: str = "test") -> dict[str, tuple[list[Sample], list[int]]]:
+        """The held-out split and the edited samples: IR's removed pairs as trained (wrong answers), else the
+        corrected pairs with their true answers."""
+        held = {held_out: self.test if held_out == "test" else self.validation}
+        if task == "ir":
+            ids = set(self.bad_ids)
+            return {**held, "forget": ([s for s in self.corrupted_rc if s.id in ids],
+                                       [self.wrong_label[k] for k in self.bad])}
+        return {**held, "edited": ([self.clean[k] for k in self.bad], self.edited_truth)}
+
+
+TRAIN_FILE = {"rc": "train_rc.json", "ir": "train_rc.json", "qm": "train_qm.json"}
+CORRUPTED = {"rc": "corrupted-labels", "ir": "corrupted-labels", "qm": "corrupted-images"}
+RETRAINED = {"rc": "retrained-clean", "qm": "retrained-clean", "ir": "retrained-removed"}
+
+
+def build_scenarios(root: Path, cfg: DemoConfig) -> Scenarios:
+    """Pre-train the base, write the data and edits files, train the corrupted and retrained adapters."""
     pre_idx, train_idx, test_idx = _split(cfg)
     images, targets = digit_images()
     rng = random.Random(cfg.seed + 1)
@@ -172,6 +226,8 @@ def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
     data_dir = root / "data"
     clean = digit_samples(train_idx)
     test = (digit_samples(test_idx, prefix="test-"), [targets[i] for i in test_idx])
+    val_idx = _validation_split(cfg)
+    validation = (digit_samples(val_idx, prefix="val-"), [targets[i] for i in val_idx])
     # image files, so that datasets and edits are real files a user can replay with the CLI
     img_dir = data_dir / "images"
     img_dir.mkdir(parents=True)
@@ -202,58 +258,69 @@ def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
     adapters = root / "adapters"
     timings: dict[str, float] = {}
     need = set(cfg.tasks)
-    train_file = {"rc": "train_rc.json", "ir": "train_rc.json", "qm": "train_qm.json"}
-    corrupted_name = {"rc": "corrupted-labels", "ir": "corrupted-labels", "qm": "corrupted-images"}
-    retrained_name = {"rc": "retrained-clean", "qm": "retrained-clean", "ir": "retrained-removed"}
-    to_train = {corrupted_name[t]: train_file[t] for t in need}
-    to_train.update({retrained_name[t]: "train_removed.json" if t == "ir" else "train_clean.json" for t in need})
+    to_train = {CORRUPTED[t]: TRAIN_FILE[t] for t in need}
+    to_train.update({RETRAINED[t]: "train_removed.json" if t == "ir" else "train_clean.json" for t in need})
     for name, fname in to_train.items():
         timings[name] = _train_adapter(base, load_dataset(data_dir / fname), adapters / name, cfg)
+    return Scenarios(root, base, data_dir, adapters, clean, corrupted_rc, bad, bad_ids, wrong_label,
+                     [targets[train_idx[k]] for k in bad], test, validation,
+                     {"pretrain": len(pre_idx), "train": len(train_idx), "test": len(test_idx),
+                      "validation": len(val_idx), "edits": len(bad)}, timings)
 
-    edited_truth = [targets[train_idx[k]] for k in bad]
-    solver = SolverConfig(method=cfg.solver, curvature=cfg.curvature, damping=cfg.solver_damping, tol=cfg.tol,
-                          max_steps=100, batch_size=128, seed=cfg.seed, refine_steps=cfg.refine_steps,
-                          progress=cfg.progress)
+
+def _validation_split(cfg: DemoConfig) -> list[int]:
+    """The digits after the demo's three splits (same shuffle): never trained on, never tested."""
+    order = list(range(len(digit_images()[0])))
+    random.Random(cfg.seed).shuffle(order)
+    return order[cfg.n_pretrain + cfg.n_train + cfg.n_test:]
+
+
+def demo_solver(cfg: DemoConfig) -> SolverConfig:
+    """The solver settings every demo scenario uses."""
+    return SolverConfig(method=cfg.solver, curvature=cfg.curvature, damping=cfg.solver_damping,
+                        damping_scale=cfg.damping_scale, tol=cfg.tol, max_steps=100, batch_size=128, seed=cfg.seed,
+                        refine_steps=cfg.refine_steps, progress=cfg.progress)
+
+
+def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
+    sc_files = build_scenarios(root, cfg)
+    solver = demo_solver(cfg)
     scenarios: dict[str, Any] = {}
     for task in cfg.tasks:
-        data_file = data_dir / train_file[task]
-        outcome = run_unlearn(str(base), adapters / corrupted_name[task], data_file, data_dir / f"edits_{task}.jsonl",
-                              adapters / f"unlearned-{task}", solver=solver,
+        outcome = run_unlearn(str(sc_files.base), sc_files.corrupted(task), sc_files.train_file(task),
+                              sc_files.edits_file(task), sc_files.adapters / f"unlearned-{task}", solver=solver,
                               options=LoadOptions(device="cpu", exact_hvp=cfg.curvature in ("hessian", "ggn")))
-        if task == "ir":  # the removed (corrupted) pairs as they were trained
-            edited = [s for s in corrupted_rc if s.id in set(bad_ids)]
-            sets = {"test": test, "forget": (edited, [wrong_label[k] for k in bad])}
-        else:
-            fixed = [clean[k] for k in bad]
-            sets = {"test": test, "edited": (fixed, edited_truth)}
-        rows = {role: _evaluate(base, adapters / name, sets, cfg) for role, name in
-                (("corrupted", corrupted_name[task]), ("retrained", retrained_name[task]),
-                 ("mmerase", f"unlearned-{task}"))}
+        sets = sc_files.eval_sets(task)
+        rows = {role: evaluate_adapter(sc_files.base, path, sets, cfg) for role, path in
+                (("corrupted", sc_files.corrupted(task)), ("retrained", sc_files.retrained(task)),
+                 ("mmerase", outcome.out))}
         res = outcome.result
         sc: dict[str, Any] = {
-            "name": TASK_NAMES[task], "n_edits": len(bad), "rows": rows,
-            "retrain_seconds": timings[retrained_name[task]],
+            "name": TASK_NAMES[task], "n_edits": len(sc_files.bad), "rows": rows,
+            "retrain_seconds": sc_files.retrain_seconds(task),
             "unlearn_seconds": outcome.record["timings"]["solve_s"],
             "damping": res.config.get("damping"), "damping_estimate": res.info.get("damping"),
             "residual": res.residual, "converged": res.converged, "solver_steps": res.steps,
             "stationarity_gap": res.info.get("stationarity_gap"),
             "residual_history": [(h["step"], h["residual"]) for h in res.history],
-            "recovery_test_acc": _ratio(rows["mmerase"]["test_acc"], rows["corrupted"]["test_acc"],
-                                        rows["retrained"]["test_acc"]),
+            **recoveries(task, rows),
         }
-        if task == "ir":
-            lr_, lu = rows["retrained"]["forget_loss"], rows["mmerase"]["forget_loss"]
-            sc["forget_loss_rel_diff"] = abs(lu - lr_) / abs(lr_)
-            sc["recovery_forget_loss"] = _ratio(lu, rows["corrupted"]["forget_loss"], lr_)
-        else:
-            sc["recovery_edited_acc"] = _ratio(rows["mmerase"]["edited_acc"], rows["corrupted"]["edited_acc"],
-                                               rows["retrained"]["edited_acc"])
-            sc["recovery_edited_loss"] = _ratio(rows["mmerase"]["edited_loss"], rows["corrupted"]["edited_loss"],
-                                                rows["retrained"]["edited_loss"])
         scenarios[task] = sc
-    return {"config": asdict(cfg), "solver": solver.to_dict(), "scenarios": scenarios,
-            "sizes": {"pretrain": len(pre_idx), "train": len(train_idx), "test": len(test_idx), "edits": len(bad)},
+    return {"config": asdict(cfg), "solver": solver.to_dict(), "scenarios": scenarios, "sizes": sc_files.sizes,
             "versions": versions(), "machine": machine()}
+
+
+def recoveries(task: str, rows: dict[str, dict[str, float]], held_out: str = "test") -> dict[str, float | None]:
+    """Recovery ratios (unlearned − corrupted)/(retrained − corrupted) of a scenario's evaluation rows."""
+    c, r, u = rows["corrupted"], rows["retrained"], rows["mmerase"]
+    out = {f"recovery_{held_out}_acc": _ratio(u[f"{held_out}_acc"], c[f"{held_out}_acc"], r[f"{held_out}_acc"])}
+    if task == "ir":
+        out["forget_loss_rel_diff"] = abs(u["forget_loss"] - r["forget_loss"]) / abs(r["forget_loss"])
+        out["recovery_forget_loss"] = _ratio(u["forget_loss"], c["forget_loss"], r["forget_loss"])
+    else:
+        out["recovery_edited_acc"] = _ratio(u["edited_acc"], c["edited_acc"], r["edited_acc"])
+        out["recovery_edited_loss"] = _ratio(u["edited_loss"], c["edited_loss"], r["edited_loss"])
+    return out
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:

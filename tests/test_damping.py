@@ -125,3 +125,24 @@ def test_damping_option_values():
         SolverConfig(damping="big")
     with pytest.raises(ValueError, match="damping must be ≥ 0 or 'auto', got -1"):
         SolverConfig(damping=-1)
+
+
+def test_one_lanczos_run_from_b_gives_the_cg_answer_for_every_damping(llava_one_lora):
+    from mmerase.influence.precondition import lanczos, shifted_solutions
+
+    engine, h = llava_one_lora
+    z = engine.train_set[2]
+    b = engine.edit_gradient([Edit(old=z, new=modify_sample(z, response="seven"))])
+    bf = V.flatten(b)
+    eye = torch.eye(len(h), dtype=h.dtype)
+    for steps in (len(h), 4):  # the whole space (exact), and a short run (CG after 4 steps)
+        values, ritz, _, info = lanczos(lambda v: engine.product(v, "hessian", batch_size=8), engine.params, steps,
+                                        start=b)
+        for lam, (x, resid) in zip((1.0, 5.0), shifted_solutions(ritz, info["tridiagonal"], float(bf.norm()),
+                                                                   (1.0, 5.0))):
+            true_resid = float(((h + lam * eye) @ x - bf).norm() / bf.norm())
+            if steps == len(h):
+                ref = torch.linalg.solve(h + lam * eye, bf)
+                assert float((x - ref).norm() / ref.norm()) < 1e-8 and true_resid < 1e-8
+            else:  # the residual the Lanczos relation predicts is the true one
+                assert true_resid == pytest.approx(resid, rel=1e-5) and 1e-6 < resid < 0.5

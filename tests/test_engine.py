@@ -475,12 +475,17 @@ def test_two_refinement_steps_reach_exact_retraining_for_a_5pct_label_flip(logre
     ref = _retrain_delta(model, edited)
     eng = InfluenceEngine(model, logreg_loss, data)
     edits = [Edit(old=data[i], new=edited[i]) for i in flip]
-    errors, gaps = [], []
-    for k in range(3):
-        res = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=k, batch_size=200))
-        got = V.flatten([res.delta[n] for n in eng.names])
-        errors.append(float((got - ref).norm() / ref.norm()))
-        gaps.append(res.info["stationarity_gap"])
+    seen = []
+    res = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=2, batch_size=200),
+                    callback=lambda k, delta, rec: seen.append((k, delta, rec["stationarity_gap"])))
+    plain = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=0, batch_size=200))
+    assert [k for k, _, _ in seen] == [1, 2, 3]
+    # Newton step 1 is exactly the plain influence update; the last one is the returned δ
+    assert all(torch.equal(seen[0][1][n], plain.delta[n]) and torch.equal(seen[2][1][n], res.delta[n])
+               for n in eng.names)
+    errors = [float((V.flatten([d[n] for n in eng.names]) - ref).norm() / ref.norm()) for _, d, _ in seen]
+    gaps = [g for _, _, g in seen]
+    assert gaps[2] == res.info["stationarity_gap"]
     assert errors[2] < 0.01, errors
     assert errors[0] > errors[1] > errors[2] and gaps[0] > gaps[1] > gaps[2], (errors, gaps)
     # parameters untouched by solve()

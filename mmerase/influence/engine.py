@@ -295,7 +295,8 @@ class InfluenceEngine:
         return dataclasses.replace(config, damping=lam), info
 
     def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None,
-              preconditioner: Preconditioner | None = None) -> SolveResult:
+              preconditioner: Preconditioner | None = None,
+              callback: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None] | None = None) -> SolveResult:
         """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ.
 
         With ``config.refine_steps = K`` it then takes K Newton steps on the stationarity-corrected edited
@@ -305,6 +306,9 @@ class InfluenceEngine:
         (the correction term) and not the damping (kept as a proximal term; otherwise refinement would walk
         towards the undamped solution along the flat directions that damping exists to hold back).
         ``result.info['stationarity_gap']`` = ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit.
+
+        ``callback(newton_step, delta, record)`` sees the update after each Newton step (1: the plain influence
+        update), e.g. to evaluate every refinement step from one solve; the model holds θ̂ + delta meanwhile.
 
         ``preconditioner`` (e.g. from :func:`mmerase.influence.precondition.build_preconditioner`, or a saved
         preparation) makes 'cg' run preconditioned CG and 'stochastic' preconditioned SGD; the products and the
@@ -360,6 +364,8 @@ class InfluenceEngine:
                         grad = V.axpy(config.damping, x, grad)
                     gap = V.norm(grad) / b_norm
                     refinement.append({"newton_step": k + 1, "stationarity_gap": gap})
+                    if callback is not None:
+                        callback(k + 1, self._named(x), refinement[-1])
                     if k == config.refine_steps:
                         break
                     step_out, step_samples, config = self._damped_solve(curv, config, V.scale(-1.0, grad),
@@ -384,10 +390,20 @@ class InfluenceEngine:
                 self._set_params(saved, None)
             info["stationarity_gap"] = refinement[-1]["stationarity_gap"]
             info["refinement"] = refinement
-        delta = {n: t.detach().clone() for n, t in zip(self.names, x)}
+        elif callback is not None:
+            saved = [p.detach().clone() for p in self.params]
+            try:
+                self._set_params(saved, x)
+                callback(1, self._named(x), {"newton_step": 1})
+            finally:
+                self._set_params(saved, None)
+        delta = self._named(x)
         return SolveResult(delta=delta, residual=out.residual, converged=out.converged, steps=steps, history=history,
                            b_norm=b_norm, delta_norm=V.norm(x), product_samples=samples,
                            wall_time=time.perf_counter() - t0, config=config.to_dict(), info=info)
+
+    def _named(self, x: V.Vec) -> dict[str, torch.Tensor]:
+        return {n: t.detach().clone() for n, t in zip(self.names, x)}
 
     def _edited_objective(self, base: V.Vec, x: V.Vec, g_hat: V.Vec, edits: list[Edit], idx: list[int],
                           config: SolverConfig) -> float:

@@ -328,7 +328,7 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
         keep[0] = keep[0] or bool(values[0] > 0)  # the top pair converges first; keep it regardless
         values, basis = values[keep], basis[keep]
         tail = float(values.min()) if len(values) else 0.0
-        meta.update(info, tail=tail, kept=int(keep.sum()))
+        meta.update({k: v for k, v in info.items() if k != "tridiagonal"}, tail=tail, kept=int(keep.sum()))
         pre: Preconditioner = LowRankPreconditioner(names, shapes, damping, basis, values, tail, meta)
     else:
         stats = _gradient_statistics(engine, idx, config, eigenbasis=None)
@@ -355,17 +355,24 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
 
 
 def lanczos(matvec: Callable[[V.Vec], V.Vec], like: Sequence[torch.Tensor], steps: int, seed: int = 0,
-            progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+            progress: bool | None = None, start: V.Vec | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``steps`` Lanczos iterations (full reorthogonalisation) → Ritz values (descending), Ritz vectors as rows and
     each pair's residual norm ‖C y − θ y‖ = β_k |s_kj| (small: a converged eigenpair).
 
+    Starts from ``start`` (default: a seeded random vector). Started from b, the Krylov space is CG's, so
+    ``info['tridiagonal']`` (T_k, its eigenvectors S in the Ritz order, β_k) gives the k-step CG answer for every
+    damping λ at once: see :func:`shifted_solutions`.
     Stops early when the Krylov space is exhausted (an invariant subspace: the Ritz pairs are then exact).
     """
     n = sum(t.numel() for t in like)
     steps = min(steps, n)
     g = torch.Generator().manual_seed(seed)
     dtype = like[0].dtype
-    q = torch.randn(n, generator=g, dtype=torch.float64).to(device=like[0].device, dtype=dtype)
+    if start is None:
+        q = torch.randn(n, generator=g, dtype=torch.float64).to(device=like[0].device, dtype=dtype)
+    else:
+        q = V.flatten(start).to(device=like[0].device, dtype=dtype)
     q = q / q.norm()
     basis, alphas, betas = [q], [], []
     bar = tqdm(total=steps, desc="lanczos", leave=False, dynamic_ncols=True,
@@ -401,7 +408,23 @@ def lanczos(matvec: Callable[[V.Vec], V.Vec], like: Sequence[torch.Tensor], step
     ritz = (s.T @ q_mat).to(dtype)
     residuals = last_beta * s[-1].abs()
     return theta.to(dtype), ritz, residuals, {"lanczos_steps": k, "ritz_max": float(theta[0]),
-                                              "ritz_min": float(theta[-1])}
+                                              "ritz_min": float(theta[-1]), "tridiagonal": (t, s, last_beta)}
+
+
+def shifted_solutions(ritz: torch.Tensor, tridiagonal: tuple[torch.Tensor, torch.Tensor, float], b_norm: float,
+                      dampings: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
+    """From a Lanczos run started at b: for each λ the k-step Krylov (Galerkin) solution of (C + λI)x = b — what
+    k steps of CG would return — flattened, with its relative residual β_k |e_kᵀ z| / ‖b‖ (Krylov spaces are
+    shift-invariant, so one run serves every λ; "multi-shift CG"). Needs C + λI non-singular on the Krylov space."""
+    t, s, last_beta = tridiagonal
+    q = s.to(ritz.dtype) @ ritz  # the Lanczos basis as rows (ritz = Sᵀ Q)
+    e1 = torch.zeros(t.shape[0], dtype=torch.float64)
+    e1[0] = b_norm
+    out = []
+    for lam in dampings:
+        z = torch.linalg.solve(t + lam * torch.eye(t.shape[0], dtype=torch.float64), e1)
+        out.append(((q.T.to(torch.float64) @ z).to(ritz.dtype), last_beta * float(z[-1].abs()) / b_norm))
+    return out
 
 
 def _calibrate(pre: Preconditioner, exact: Callable[[V.Vec], V.Vec], params: Sequence[torch.Tensor],
