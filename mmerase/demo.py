@@ -55,6 +55,7 @@ class DemoConfig:
     n_pretrain: int = 500
     n_train: int = 500
     n_test: int = 400
+    n_validation: int = 400  # at most; from the digits after the three splits (397 at the default sizes)
     tol: float = 1e-2
     pretrain_epochs: int = 5
     pretrain_lr: float = 1e-3
@@ -71,7 +72,7 @@ class DemoConfig:
         if not 0 < self.corruption < 1:
             raise ValueError(f"corruption must be between 0 and 1, got {self.corruption}")
         if self.quick:
-            self.n_pretrain, self.n_train, self.n_test = 300, 120, 100
+            self.n_pretrain, self.n_train, self.n_test, self.n_validation = 300, 120, 100, 100
             self.pretrain_epochs, self.epochs = 5, 4
 
     @property
@@ -115,13 +116,18 @@ def _train_adapter(base: Path, samples: list[Sample], out: Path, cfg: DemoConfig
 
 def evaluate_adapter(base: Path, adapter: Path, sets: dict[str, tuple[list[Sample], list[int]]], cfg: DemoConfig
                      ) -> dict[str, float]:
-    """Accuracy of greedy answers and mean loss L(z) on each named sample set."""
-    bundle = load_model(base, adapter=adapter, options=LoadOptions(device="cpu"))
+    """Accuracy of greedy answers and mean loss L(z) on each named sample set, for an adapter on disk."""
+    return evaluate_bundle(load_model(base, adapter=adapter, options=LoadOptions(device="cpu")), sets, cfg.progress)
+
+
+def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int]]], progress: bool | None = None
+                    ) -> dict[str, float]:
+    """Accuracy of greedy answers and mean loss L(z) on each named sample set, for a loaded model."""
     out: dict[str, float] = {}
     for name, (samples, labels) in sets.items():
         if not samples:
             continue
-        answers = bundle.generate(samples, max_new_tokens=8, batch_size=64, progress=cfg.progress)
+        answers = bundle.generate(samples, max_new_tokens=8, batch_size=64, progress=progress)
         out[f"{name}_acc"] = sum(a == DIGIT_WORDS[y] for a, y in zip(answers, labels)) / len(labels)
         out[f"{name}_loss"] = float(bundle.per_sample_losses(samples, batch_size=64).mean())
     return out
@@ -272,7 +278,8 @@ def _validation_split(cfg: DemoConfig) -> list[int]:
     """The digits after the demo's three splits (same shuffle): never trained on, never tested."""
     order = list(range(len(digit_images()[0])))
     random.Random(cfg.seed).shuffle(order)
-    return order[cfg.n_pretrain + cfg.n_train + cfg.n_test:]
+    start = cfg.n_pretrain + cfg.n_train + cfg.n_test
+    return order[start:start + cfg.n_validation]
 
 
 def demo_solver(cfg: DemoConfig) -> SolverConfig:

@@ -36,13 +36,17 @@ def estimate_damping(matvec: Callable[[V.Vec], V.Vec], like: V.Vec, scale: float
     if top == 0 and bottom == 0:
         raise ValueError("the curvature is zero along every direction tried: the loss does not depend on the "
                          "trainable parameters here; set damping explicitly")
-    lam = scale * max(top, 0.0)
-    rule = f"{scale:g} × top eigenvalue"
-    if bottom < 0 and PD_MARGIN * -bottom > lam:
-        lam = PD_MARGIN * -bottom
-        rule = f"{PD_MARGIN:g} × −(most negative Ritz value)"
+    lam, rule = damping_rule(scale, top, bottom)
     return lam, {"rule": rule, "value": lam, "scale": scale, "top_eigenvalue": top, "bottom_ritz_value": bottom,
                  "top_residual": float(residuals[0]), "lanczos_steps": info["lanczos_steps"], "increases": []}
+
+
+def damping_rule(scale: float, top: float, bottom: float) -> tuple[float, str]:
+    """λ for the extreme Ritz values (top, bottom) of the curvature, and the rule that set it."""
+    lam = scale * max(top, 0.0)
+    if bottom < 0 and PD_MARGIN * -bottom > lam:
+        return PD_MARGIN * -bottom, f"{PD_MARGIN:g} × −(most negative Ritz value)"
+    return lam, f"{scale:g} × top eigenvalue"
 
 
 def raised_damping(damping: float, rayleigh: float) -> float:
