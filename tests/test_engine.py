@@ -229,6 +229,16 @@ def test_stochastic_matches_dense_solve_and_is_deterministic(solver_problem):
     assert res.product_samples == 600 * 20 + 20 + 60 * len(res.history[1:])  # lr probe + steps + residual checks
 
 
+def test_stochastic_that_ends_worse_than_no_update_is_an_error(solver_problem):
+    eng, edits, lam, _ = solver_problem
+    # a step far too large for mini-batch products of size 1: the iterate wanders but stays under the 1e3 guard
+    cfg = SolverConfig(method="stochastic", damping=lam, batch_size=1, max_steps=40, lr=0.5, seed=0,
+                       divergence_factor=1e12)
+    with pytest.raises(SolverDivergedError, match=r"stochastic solver ended at relative residual .* ≥ 1, no better "
+                                                  r"than no update; lower lr"):
+        eng.solve(edits, cfg)
+
+
 def test_lissa_matches_dense_solve_where_it_converges(solver_problem):
     eng, edits, lam, ref = solver_problem
     res = eng.solve(edits, SolverConfig(method="lissa", damping=lam, batch_size=60, max_steps=2000, tol=1e-6))

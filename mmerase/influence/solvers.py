@@ -182,7 +182,16 @@ def solve_stochastic(problem: LinearProblem, config: SolverConfig) -> SolverOutp
                     break
     finally:
         tr.close()
+    _refuse_worse_than_zero(res, "stochastic", f"lower lr (now {lr:.3e}), raise damping, or use 'cg'")
     return SolverOutput(x, res, converged, step, tr.history, {"lr": lr})
+
+
+def _refuse_worse_than_zero(res: float, method: str, hint: str) -> None:
+    """A stochastic solve that ends farther from the solution than δ = 0 (relative residual ≥ 1) has diverged in
+    effect, even below the divergence guard: never return it."""
+    if not res < 1.0:
+        raise SolverDivergedError(f"{method} solver ended at relative residual {res:.3e} ≥ 1, no better than no "
+                                  f"update; {hint}")
 
 
 def _solve_stochastic_preconditioned(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
@@ -223,6 +232,7 @@ def _solve_stochastic_preconditioned(problem: LinearProblem, config: SolverConfi
                     break
     finally:
         tr.close()
+    _refuse_worse_than_zero(res, "preconditioned stochastic", f"lower lr (now {lr:g}) or raise damping, or use 'cg'")
     out = avg if avg is not None else x
     return SolverOutput(out, res, converged, step, tr.history, {"lr": lr, "preconditioned": True,
                                                                 "averaged_steps": n_avg})
