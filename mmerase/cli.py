@@ -227,7 +227,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
     tasks = ("rc", "qm", "ir") if a.task == "all" else (a.task,)
     cfg = DemoConfig(tasks=tasks, seed=a.seed, quick=a.quick, corruption=a.corruption, solver=a.solver,
-                     curvature=a.curvature, damping=a.damping, refine_steps=a.refine_steps, progress=a.progress)
+                     curvature=a.curvature, damping=a.damping, damping_scale=a.damping_scale,
+                     refine_steps=a.refine_steps, progress=a.progress)
     report = run_demo(a.out, cfg)
     print(f"demo report written to {report['out']} ({report['seconds']:.0f} s)")
     return 0
@@ -277,6 +278,7 @@ COMMANDS = [
                  choices=("hessian", "fd-hessian", "ggn", "fisher")),
              Opt("--damping", "damping λ: a number or auto (default: the demo's validated value)", None,
                  _optional_damping),
+             Opt("--damping-scale", "the fraction of the top eigenvalue that --damping auto takes", 1e-2, float),
              Opt("--refine-steps", "Newton refinement steps after the influence update", 0, int),
              Opt("--quick", "reduced sizes (for tests)", False, boolean=True), PROGRESS], _cmd_demo),
 ]

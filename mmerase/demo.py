@@ -77,7 +77,9 @@ class DemoConfig:
 
     @property
     def solver_damping(self) -> float | str:
-        return 0.01 if self.damping is None else self.damping
+        """'auto' unless set: λ = damping_scale × the curvature's top eigenvalue, the scale chosen on the validation
+        split by benchmarks/fidelity.py."""
+        return "auto" if self.damping is None else self.damping
 
 
 def _split(cfg: DemoConfig) -> tuple[list[int], list[int], list[int]]:
