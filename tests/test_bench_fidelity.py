@@ -66,7 +66,7 @@ def test_defaults_are_chosen_on_validation_and_reported_on_test(fidelity):
     assert chosen["curvature"] == best and chosen["scale"] in rep["config"]["scales"]
     for t in ("rc", "qm", "ir"):
         steps = rep["refinement"][chosen["curvature"]][t]
-        assert [r["refine_steps"] for r in steps] == [0, 1]
+        assert 1 <= len(steps) <= 2 and [r["refine_steps"] for r in steps] == list(range(len(steps)))
         assert rep["final"][t] == steps[chosen["refine_steps"]]
     assert "Defaults chosen on validation" in md and ("**missed**" in md or "| met |" in md)
     assert (out / "fidelity.png").stat().st_size > 1000

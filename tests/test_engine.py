@@ -500,3 +500,33 @@ def test_two_refinement_steps_reach_exact_retraining_for_a_5pct_label_flip(logre
     assert errors[0] > errors[1] > errors[2] and gaps[0] > gaps[1] > gaps[2], (errors, gaps)
     # parameters untouched by solve()
     assert torch.equal(model.lin.weight, eng.params[0])
+
+
+def test_a_refinement_step_that_raises_the_stationarity_gap_is_undone():
+    """GGN steps on a non-convex loss can lower R̃_E yet leave its stationary point: such a step is undone and
+    refinement stops, so the returned δ is never less stationary than the plain update."""
+    eng = mlp_engine(seed=0, n=40)
+    d = eng.train_set
+    edits = [Edit(old=d[i], new=(d[i][0], (d[i][1] + 1) % 3)) for i in range(8)]
+    cfg = SolverConfig(curvature="ggn", damping=0.01, tol=1e-10, max_steps=300)
+    plain = eng.solve(edits, cfg)
+    res = eng.solve(edits, SolverConfig(**{**cfg.to_dict(), "refine_steps": 3}))
+    steps = res.info["refinement"]
+    assert [s.get("rejected", False) for s in steps] == [False, True]
+    assert steps[1]["stationarity_gap"] > steps[0]["stationarity_gap"] == res.info["stationarity_gap"]
+    assert all(torch.equal(res.delta[n], plain.delta[n]) for n in eng.names)
+
+
+def test_refinement_uses_the_edited_curvature_so_removals_converge_too(logreg):
+    """Removing 5%: the removed samples' curvature leaves the objective; Newton steps that include it converge
+    quadratically (the plain update is first order)."""
+    model, data = logreg
+    removed = set(range(3, 600, 20))  # 5%
+    ref = _retrain_delta(model, [s for i, s in enumerate(data) if i not in removed])
+    eng = InfluenceEngine(model, logreg_loss, data)
+    seen = []
+    eng.solve([Edit(old=data[i]) for i in sorted(removed)],
+              SolverConfig(damping=0.0, tol=1e-12, refine_steps=2, batch_size=200),
+              callback=lambda k, delta, rec: seen.append(V.flatten([delta[n] for n in eng.names])))
+    errors = [float((d - ref).norm() / ref.norm()) for d in seen]
+    assert errors[0] > 0.01 and errors[1] < errors[0] / 10 and errors[2] < 1e-5, errors

@@ -55,7 +55,8 @@ class SolverConfig:
     dense_max_params: 'dense' refuses models with more trainable parameters than this.
     divergence_factor: a stochastic solver whose residual exceeds this is stopped with an error.
     refine_steps: Newton refinement steps after the influence update (0: the plain update), each one
-                 gradient pass over the curvature set plus a solve.
+                 gradient pass over the curvature set plus a solve with the edited objective's curvature; a step
+                 that raises the stationarity gap is undone and ends the refinement.
     stationarity_check: compute the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes).
     progress:    show a progress bar (None: only on a terminal).
     """

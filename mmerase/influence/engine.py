@@ -66,8 +66,10 @@ class _Problem:
     """(H + λI) restricted to a sample set, with product counting; implements solvers.LinearProblem."""
 
     def __init__(self, engine: "InfluenceEngine", curvature: Curvature, config: SolverConfig, b: V.Vec,
-                 curv_idx: list[int], resid_idx: list[int], preconditioner: Preconditioner | None = None) -> None:
+                 curv_idx: list[int], resid_idx: list[int], preconditioner: Preconditioner | None = None,
+                 extra: Callable[[V.Vec], V.Vec] | None = None) -> None:
         self.engine, self.curvature, self.config = engine, curvature, config
+        self.extra = extra  # a deterministic term added to every product (the edits' curvature in refinement)
         self.preconditioner = preconditioner  # M ≈ (H+λI)⁻¹ for PCG; products stay exact
         self.b, self.damping = b, config.damping
         self.n_params = sum(t.numel() for t in b)
@@ -79,6 +81,8 @@ class _Problem:
     def _damped(self, v: V.Vec, idx: list[int]) -> V.Vec:
         hv = self.engine.product(v, self.curvature, idx, self.config.batch_size)
         self.product_samples += len(idx)
+        if self.extra is not None:
+            hv = V.add(hv, self.extra(v))
         return V.axpy(self.damping, v, hv) if self.damping else hv
 
     def matvec(self, v: V.Vec) -> V.Vec:
@@ -235,6 +239,23 @@ class InfluenceEngine:
                             t.add_(h.detach(), alpha=len(local) / len(idx))
         return self._all_reduce(total)
 
+    def edit_product(self, edits: Sequence[Edit], v: V.Vec, curvature: str | Curvature = "hessian",
+                     batch_size: int = 16) -> V.Vec:
+        """(1/n) Σ_E [C(z_new) − C(z_old)] v: the curvature the edits add to the edited objective R_E, whose Hessian
+        is H + this. Computed whole on every process (the edits are few), so no reduction is needed."""
+        curv = make_curvature(curvature) if isinstance(curvature, str) else curvature
+        v = self._as_list(v)
+        total = [torch.zeros_like(p) for p in self.params]
+        with self._inference_mode():
+            for samples, sign, what in (([e.new for e in edits if e.new is not None], 1.0, "new"),
+                                        ([e.old for e in edits if e.old is not None], -1.0, "old")):
+                for start in range(0, len(samples), batch_size):
+                    chunk = samples[start : start + batch_size]
+                    hv = curv.batch_product(self, chunk, v, f"{what} samples of edits {start}–{start + len(chunk) - 1}")
+                    for t, h in zip(total, hv):
+                        t.add_(h.detach(), alpha=sign * len(chunk) / self.n)
+        return total
+
     def _all_reduce(self, vec: V.Vec) -> V.Vec:
         return all_reduce_(vec)
 
@@ -304,7 +325,11 @@ class InfluenceEngine:
         whose gradient at θ̂ is −b, so the first step is exactly the plain influence update and the later ones
         remove only the edit's higher-order (Taylor) error: not the adapter's distance from a training optimum
         (the correction term) and not the damping (kept as a proximal term; otherwise refinement would walk
-        towards the undamped solution along the flat directions that damping exists to hold back).
+        towards the undamped solution along the flat directions that damping exists to hold back). Refinement
+        steps use R̃_E's own curvature, H + (1/n) Σ_E [C(z_new) − C(z_old)] (products over the few edited samples
+        added), so removals converge quadratically too; each step is line-searched on R̃_E, and a step that raises
+        the stationarity gap (a curvature that misreads R̃_E, e.g. GGN where the Hessian is indefinite) is undone
+        and ends the refinement (``info['refinement']`` marks it ``rejected``).
         ``result.info['stationarity_gap']`` = ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit.
 
         ``callback(newton_step, delta, record)`` sees the update after each Newton step (1: the plain influence
@@ -353,7 +378,15 @@ class InfluenceEngine:
         if need_gap:
             g_hat = self.mean_gradient(curv_idx, config.batch_size)  # ∇R(θ̂), removed by the correction
             saved = [p.detach().clone() for p in self.params]
-            refinement = []
+            refinement: list[dict[str, Any]] = []
+            before: tuple[V.Vec, Any] | None = None  # (x, out) before the last accepted Newton step
+            edit_samples = 2 * len(edits)
+
+            def edit_curvature(v: V.Vec) -> V.Vec:  # R̃_E's Hessian is H + the edits' own curvature
+                nonlocal samples
+                samples += edit_samples
+                return self.edit_product(edits, v, curv, config.batch_size)
+
             try:
                 for k in range(config.refine_steps + 1):
                     t_k = time.perf_counter()
@@ -363,13 +396,20 @@ class InfluenceEngine:
                     if config.damping:  # the damping is a proximal term (λ/2)‖θ − θ̂‖² of the objective
                         grad = V.axpy(config.damping, x, grad)
                     gap = V.norm(grad) / b_norm
+                    if before is not None and gap > refinement[-1]["stationarity_gap"]:
+                        # the step lowered R̃_E yet moved away from its stationary point (a curvature that misreads
+                        # R̃_E, e.g. GGN where the Hessian is indefinite): undo it and stop
+                        refinement.append({"newton_step": k + 1, "stationarity_gap": gap, "rejected": True})
+                        x, out = before
+                        break
                     refinement.append({"newton_step": k + 1, "stationarity_gap": gap})
                     if callback is not None:
                         callback(k + 1, self._named(x), refinement[-1])
                     if k == config.refine_steps:
                         break
                     step_out, step_samples, config = self._damped_solve(curv, config, V.scale(-1.0, grad),
-                                                                        curv_idx, resid_idx, damping_info)
+                                                                        curv_idx, resid_idx, damping_info,
+                                                                        edit_curvature)
                     samples += step_samples
                     steps += step_out.steps
                     history += [dict(h, newton_step=k + 2) for h in step_out.history]
@@ -385,10 +425,11 @@ class InfluenceEngine:
                                           seconds=time.perf_counter() - t_k)
                     if t < 1 / 16:  # no decrease along the Newton direction: stop refining
                         break
+                    before = (x, out)
                     x, out = trial, step_out
             finally:
                 self._set_params(saved, None)
-            info["stationarity_gap"] = refinement[-1]["stationarity_gap"]
+            info["stationarity_gap"] = [r for r in refinement if not r.get("rejected")][-1]["stationarity_gap"]
             info["refinement"] = refinement
         elif callback is not None:
             saved = [p.detach().clone() for p in self.params]
@@ -424,8 +465,9 @@ class InfluenceEngine:
         return total
 
     def _linear_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
-                      resid_idx: list[int]) -> tuple[Any, int]:
-        problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx, getattr(self, "_preconditioner", None))
+                      resid_idx: list[int], extra: Callable[[V.Vec], V.Vec] | None = None) -> tuple[Any, int]:
+        problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx, getattr(self, "_preconditioner", None),
+                           extra)
         try:
             with self._inference_mode():
                 out = SOLVERS[config.method](problem, config)
@@ -435,13 +477,14 @@ class InfluenceEngine:
         return out, problem.product_samples
 
     def _damped_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
-                      resid_idx: list[int], damping_info: dict[str, Any] | None) -> tuple[Any, int, SolverConfig]:
+                      resid_idx: list[int], damping_info: dict[str, Any] | None,
+                      extra: Callable[[V.Vec], V.Vec] | None = None) -> tuple[Any, int, SolverConfig]:
         """A linear solve; with automatic damping, non-positive curvature met by CG raises λ (up to MAX_INCREASES
         times, each recorded in ``damping_info['increases']``) and solves again. Returns the config used."""
         samples = 0
         while True:
             try:
-                out, used = self._linear_solve(curv, config, rhs, curv_idx, resid_idx)
+                out, used = self._linear_solve(curv, config, rhs, curv_idx, resid_idx, extra)
                 return out, samples + used, config
             except NotPositiveDefiniteError as e:
                 samples += getattr(e, "product_samples", 0)
