@@ -123,6 +123,9 @@ def refine(sc: Scenario, curvature: str, damping: float, steps: int, tol: float,
                                                  progress=False), callback=seen)
     for r, step in zip(out, res.info["refinement"]):
         r.update(step_size=step.get("step_size"), residual=step.get("residual"))
+    rejected = [step for step in res.info["refinement"] if step.get("rejected")]
+    if rejected and out:
+        out[-1]["next_step_rejected_gap"] = rejected[0]["stationarity_gap"]
     for r in out:
         _log(f"  {sc.task} {curvature} λ={damping:.3g} K={r['refine_steps']} gap={r['stationarity_gap']:.2f} "
              f"val={r['recovery_validation_acc']} test={r['recovery_test_acc']}")
@@ -148,7 +151,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "sizes": files.sizes, "build_seconds": build_s,
                               "retrain_seconds": {t: files.retrain_seconds(t) for t in cfg.tasks},
                               "baseline": {t: sc.rows for t, sc in scenarios.items()}, "damping": {}, "refinement": {}}
-    for curv in args.curvatures:
+    if args.reuse:  # the damping sweep of an earlier run with the same settings (it does not involve refinement)
+        earlier = json.loads(Path(args.reuse).read_text(encoding="utf-8"))
+        for key in ("scales", "curvatures", "krylov", "seed"):
+            if earlier["config"][key] != report["config"][key]:
+                raise SystemExit(f"--reuse {args.reuse}: its {key} {earlier['config'][key]} differs from this run's")
+        if earlier["baseline"] != report["baseline"]:
+            raise SystemExit(f"--reuse {args.reuse}: its corrupted/retrained adapters score differently")
+        report["damping"], report["damping_reused_from"] = earlier["damping"], str(args.reuse)
+    for curv in args.curvatures if not args.reuse else ():
         for t, sc in scenarios.items():
             _log(f"damping sweep: {t} {curv}")
             report["damping"].setdefault(curv, {})[t] = sweep_damping(sc, curv, tuple(args.scales), args.krylov)
@@ -233,7 +244,9 @@ def markdown(rep: dict[str, Any]) -> str:
         for t, rows in per.items():
             for r in rows:
                 loss_key = "recovery_forget_loss" if t == "ir" else "recovery_edited_loss"
-                lines.append(f"| {curv} | {t.upper()} | {r['refine_steps']} | {_f(r['stationarity_gap'])} | "
+                stop = (f" (step {r['refine_steps'] + 1} raised the gap to {r['next_step_rejected_gap']:.2f}: "
+                        "undone, stopped)") if "next_step_rejected_gap" in r else ""
+                lines.append(f"| {curv} | {t.upper()} | {r['refine_steps']}{stop} | {_f(r['stationarity_gap'])} | "
                              f"{_f(r['recovery_validation_acc'])} / {_f(r['recovery_test_acc'])} | "
                              f"{_f(r[loss_key])} | {r['seconds_so_far']:.0f} |")
     lines += ["", f"## Defaults chosen on validation: curvature **{c['curvature']}**, damping **auto, s = "
@@ -286,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curvatures", nargs="+", default=list(CURVATURES), choices=CURVATURES)
     p.add_argument("--scales", nargs="+", type=float, default=list(SCALES))
     p.add_argument("--krylov", type=int, default=30, help="Lanczos steps of the damping sweep")
+    p.add_argument("--reuse", default=None, help="take the damping sweep from this earlier fidelity.json "
+                   "(same settings; checked) and run only the refinement")
     p.add_argument("--refine-curvatures", nargs="*", default=None, choices=CURVATURES,
                    help="curvatures to refine (default: the one chosen on validation)")
     p.add_argument("--refine", type=int, default=2, help="Newton refinement steps scored")
