@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mmerase import Edit, InfluenceEngine, SolverConfig, Task
+from mmerase.influence import SolverDivergedError
 from mmerase.influence import vectors as V
 from mmerase.influence.precondition import PreconditionerConfig, build_preconditioner
 from mmerase.record import machine, versions
@@ -244,7 +245,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         pre = None if kind is None else build_preconditioner(
             engine, "ggn", lam, PreconditionerConfig(kind=kind, batch_size=args.batch_size, seed=args.seed))
-        res = engine.solve(edits, cfg, preconditioner=pre)
+        try:
+            res = engine.solve(edits, cfg, preconditioner=pre)
+        except SolverDivergedError as e:  # refused, not returned: say so in the table
+            rows[name] = {"seconds": time.perf_counter() - t, "error": str(e)}
+            print(f"  {name}: refused: {e}", flush=True)
+            return
         add(name, list(res.delta.values()), time.perf_counter() - t, steps=res.steps, residual=res.residual,
             product_samples=res.product_samples, prepare_seconds=None if pre is None else pre.meta["seconds"])
 
@@ -284,6 +290,9 @@ def markdown(rep: dict[str, Any]) -> str:
              "| method | ‖δ − δ*‖/‖δ*‖ | cosine | ‖δ‖/‖δ*‖ | seconds | steps | residual | ‖δ − δ_H‖/‖δ_H‖ | "
              "cosine (H) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rep["rows"].items():
+        if "error" in r:
+            lines.append(f"| {name} | refused by the solver: {r['error']} | | | {r['seconds']:.2f} | | | | |")
+            continue
         steps = r.get("steps", "")
         res = f"{r['residual']:.1e}" if "residual" in r else ""
         lines.append(f"| {name} | {r['rel_err_ggn']:.2e} | {r['cosine_ggn']:.4f} | {r['norm_ratio_ggn']:.3f} | "

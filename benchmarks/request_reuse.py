@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/mmerase-request-reuse", help="scratch folder (base, adapters; reused)")
     p.add_argument("--sizes", default="140,280,560")
     p.add_argument("--edits", default="1,5,20")
-    p.add_argument("--damping", type=float, default=DemoConfig().solver_damping)
+    p.add_argument("--damping", type=float, default=0.01)  # the λ its recorded figures used (the demo's former fixed λ)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rank", type=int, default=32, help="Lanczos steps of the 'lowrank' preparation")

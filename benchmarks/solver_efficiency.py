@@ -3,8 +3,8 @@ recipe (issue 9, item 2).
 
 Scenario: the digits response-correction set-up of ``mmerase demo`` (tiny LLaVA pre-trained on other digits, LoRA
 r=8 fine-tuned on n "<image> What digit is this?" pairs of which 20 have a wrong answer; built by
-``request_reuse.Scenario`` from the demo's helpers), the demo's curvature (GGN) and damping (λ = 0.01), the frozen
-feature cache, b from correcting the 20 wrong answers. Every method solves the same (H + λI) δ = b.
+``request_reuse.Scenario`` from the demo's helpers), the demo's curvature (GGN) and its former fixed damping
+(λ = 0.01; the demo now estimates λ), the frozen feature cache, b from correcting the 20 wrong answers. Every method solves the same (H + λI) δ = b.
 
 Methods:
 - ``cg``: the default solver (``SolverConfig()``'s method), products over the whole training set.
@@ -42,7 +42,6 @@ from typing import Any
 import torch
 
 from mmerase import InfluenceEngine, SolverConfig
-from mmerase.demo import DemoConfig
 from mmerase.influence import vectors as V
 from mmerase.influence.curvature import make_curvature
 from mmerase.influence.solvers import SOLVERS
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/mmerase-solver-efficiency", help="scratch folder (base, adapter; reused)")
     p.add_argument("--n", type=int, default=160, help="training pairs")
     p.add_argument("--edits", type=int, default=20, help="corrected answers (≤ 20)")
-    p.add_argument("--damping", type=float, default=DemoConfig().solver_damping)
+    p.add_argument("--damping", type=float, default=0.01)  # the λ its recorded figures used (the demo's former fixed λ)
     p.add_argument("--chunk", type=int, default=64, help="samples per pass inside a product")
     p.add_argument("--cg-tol", type=float, default=1e-4)
     p.add_argument("--cg-steps", type=int, default=200)

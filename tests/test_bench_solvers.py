@@ -114,6 +114,9 @@ def test_kronfluence_compare_smoke(tmp_path):
                  "mmerase stochastic", "mmerase lissa"):
         assert name in rows, name
     for name, r in rows.items():
+        if "error" in r:  # a stochastic run the solver refused to return (worse than no update), reported as such
+            assert "stochastic" in name and "no better than no update" in r["error"], name
+            continue
         assert math.isfinite(r["rel_err_ggn"]) and -1 <= r["cosine_ggn"] <= 1 + 1e-12, name
     # CG solves the dense system (to its tolerance); the one-step answers only point roughly the right way
     assert rows["mmerase cg"]["rel_err_ggn"] < 1e-3 and rows["mmerase cg + ekfac"]["rel_err_ggn"] < 1e-3
