@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -53,15 +54,6 @@ from mmerase.record import machine, versions  # noqa: E402
 
 NAME = "unlearn_vs_retrain"
 ROLES = ("cold", "cold-full", "pcg", "prepared")
-
-
-def demo_solver(cfg: D.DemoConfig) -> SolverConfig:
-    """The SolverConfig that ``mmerase.demo`` builds for its scenarios, read from ``cfg`` at run time."""
-    if callable(getattr(cfg, "solver_config", None)):  # a library helper, if the demo grows one
-        return cfg.solver_config()
-    return SolverConfig(method=cfg.solver, curvature=cfg.curvature, damping=cfg.solver_damping, tol=cfg.tol,
-                        max_steps=100, batch_size=128, seed=cfg.seed, refine_steps=cfg.refine_steps,
-                        progress=cfg.progress)
 
 
 def _mib(mem: dict[str, Any]) -> dict[str, float]:
@@ -138,7 +130,7 @@ class Bench:
         for i in pre:
             self.by_class.setdefault(targets[i], []).append(i)
         self.test = (digit_samples(test, prefix="test-"), [targets[i] for i in test])
-        self.solver = demo_solver(self.cfg)
+        self.solver = D.demo_solver(self.cfg)  # whatever the demo uses, read at run time
         if args.damping is not None:
             self.solver = dataclasses.replace(self.solver, damping=args.damping)
         if args.max_steps is not None:
@@ -148,7 +140,15 @@ class Bench:
         self.adapters: dict[tuple, dict[str, Any]] = {}
         self.points: dict[str, dict[str, Any]] = {}
         self.t0 = time.perf_counter()
-        self.report: dict[str, Any] = {
+        runs: list[dict[str, Any]] = []
+        if args.resume:  # points measured by an earlier (interrupted) run are kept, each with its own timings
+            prev = json.loads(Path(args.resume).read_text())
+            runs = prev.get("runs") or [{k: prev.get(k) for k in ("load_avg_start", "load_avg_end", "seconds",
+                                                                   "cpu_seconds", "solver")}]
+            for key, q in prev["points"].items():
+                self.points[key] = {**q, "run": q.get("run", 1)}
+        runs.append({"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_avg_start": os.getloadavg()})
+        self.report: dict[str, Any] = {"runs": runs,
             "config": {**vars(args), "demo": dataclasses.asdict(self.cfg)}, "solver": self.solver.to_dict(),
             "machine": machine(), "versions": versions(), "load_avg_start": os.getloadavg(),
             "torch_threads": torch.get_num_threads(), "sizes": {"pretrain": len(pre), "pool": len(self.pool),
@@ -183,7 +183,7 @@ class Bench:
         return self.adapters[key]
 
     def evaluate(self, folder: Path, edited: tuple[list[Sample], list[int]]) -> dict[str, float]:
-        return D._evaluate(self.base, folder, {"test": self.test, "edited": edited}, self.cfg)
+        return D.evaluate_adapter(self.base, folder, {"test": self.test, "edited": edited}, self.cfg)
 
     def engine(self, folder: Path, train: list[Sample]) -> tuple[Any, InfluenceEngine]:
         """The corrupted adapter loaded with a fresh frozen-feature cache (nothing precomputed)."""
@@ -208,9 +208,10 @@ class Bench:
         data = self.dataset(n, rate)
         k = len(data.bad) if k is None else k
         sub = curvature_samples if curvature_samples is not None and curvature_samples < n else None
-        key = f"{task}-n{n}-r{rate:g}-k{k}" + (f"-m{sub}" if sub else "")
+        key = point_key(task, n, rate, k, curvature_samples)
         p = self.points.setdefault(key, {"key": key, "task": task, "n": n, "rate": rate, "k": k,
-                                         "n_corrupted": len(data.bad), "curvature_samples": sub, "answers": {}})
+                                         "n_corrupted": len(data.bad), "curvature_samples": sub, "answers": {},
+                                         "run": len(self.report["runs"])})
         todo = [a for a in answers if a not in p["answers"]]
         if not todo:
             return p
@@ -228,10 +229,6 @@ class Bench:
         edits = data.edits(task, k)
         sub = dataclasses.replace(self.solver, curvature_samples=curvature_samples)
         for role in todo:
-            if role == "cold-full" and self.over_budget():
-                p.setdefault("skipped", []).append(role)
-                _log(f"{key} {role}: skipped (over --budget-min)")
-                continue
             if role in ("cold", "cold-full"):
                 cfg = self.solver if role == "cold-full" else sub
                 bundle, engine = self.engine(corrupted["dir"], trained)
@@ -244,6 +241,8 @@ class Bench:
                 prep = self.preparation(task, n, rate, curvature_samples)
                 cfg = sub if role == "pcg" else dataclasses.replace(sub, method="prepared", residual_samples=16,
                                                                     stationarity_check=False)
+                if cfg.auto_damping:  # as `unlearn --prepared` does: 'auto' means the preparation's λ
+                    cfg = dataclasses.replace(cfg, damping=prep["prep"].damping)
                 with PeakMemory() as mem:
                     t = time.perf_counter()
                     res = prep["engine"].solve(edits, cfg, preconditioner=prep["prep"].preconditioner)
@@ -262,7 +261,7 @@ class Bench:
         return {"seconds": secs, "speedup": p["retrained"]["seconds"] / secs, "steps": res.steps,
                 "residual": res.residual, "converged": res.converged, "product_samples": res.product_samples,
                 "curvature_set": res.info.get("curvature_set"), "n_edits": res.info.get("n_edits"),
-                "damping": res.info.get("damping", cfg.damping),
+                "damping": res.config.get("damping"), "damping_estimate": res.info.get("damping"),
                 "stationarity_gap": res.info.get("stationarity_gap"), "memory": _mib(mem.result), "eval": ev,
                 "recovery": recovery(ev, p["corrupted"]["eval"], p["retrained"]["eval"])}
 
@@ -303,39 +302,67 @@ def recovery(row: dict, corrupted: dict, retrained: dict) -> dict[str, float | N
 
 
 # ---------------------------------------------------------------------- sweeps
+def point_key(task: str, n: int, rate: float, k: int, curvature_samples: int | None) -> str:
+    sub = curvature_samples if curvature_samples is not None and curvature_samples < n else None
+    return f"{task}-n{n}-r{rate:g}-k{k}" + (f"-m{sub}" if sub else "")
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, int, float, int | None, tuple[str, ...], int | None]]:
+    """(sweep, task, n, rate, k, answers, curvature sub-sample) in run order, most needed first."""
+    n0, r0, m = args.default_n, args.default_rate, args.curvature_samples
+    which, steps = set(args.sweeps.split(",")), ("cold", "pcg", "prepared")
+    which |= {"requests"} if "default" in which and args.requests else set()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    out: list = []
+    if "default" in which:  # every scenario, cold / preconditioned / prepared, full-data curvature
+        out += [("default", t, n0, r0, None, steps, None) for t in ("rc", "qm", "ir")]
+    if "requests" in which:  # RC requests of a few edits at the default size, the default preparation's answer
+        out += [("requests", "rc", n0, r0, int(k), ("prepared",), None) for k in args.requests.split(",")]
+    if "size" in which:  # RC, a fixed request, products over a fixed curvature sub-sample
+        out += [("size", "rc", n, r0, round(r0 * n0), steps, m) for n in sizes]
+    if "edits" in which:  # RC at one size; the size sweep's preparation serves every request
+        out += [("edits", "rc", args.edits_n, r0, int(k), steps, m) for k in args.edits.split(",")]
+    if "corruption" in which:  # cold solves, full-data curvature; the tasks of --corruption-extra go last
+        rates = [float(x) for x in args.rates.split(",")]
+        extra = set(args.corruption_extra.split(",")) - {""}
+        for last in (False, True):
+            out += [("corruption", t, n0, r, None, ("cold",), None) for r in rates for t in ("rc", "qm", "ir")
+                    if (t in extra) == last]
+    if "size" in which:  # what the full-data cold solve costs at larger n, while affordable
+        out += [("size-full", "rc", n, r0, round(r0 * n0), ("cold-full",), m) for n in sizes
+                if n0 < n <= args.full_cold_max]
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The sweeps, most needed first (a partial result keeps what finished): the default point, the size sweep,
-    the edits sweep, the corruption sweep, then full-data cold solves at larger n (skipped once over budget)."""
+    """Every point of :func:`plan`; once the run has taken ``--budget-min``, the points after the default ones are
+    skipped (and listed as skipped). Partial results are checkpointed after every answer."""
     torch.set_num_threads(1)
     bench = Bench(args)
     _log(f"base ready ({bench.report['pretrain_s']:.0f} s); solver {bench.solver.to_dict()}")
-    n0, r0, m = args.default_n, args.default_rate, args.curvature_samples
-    sizes = [int(x) for x in args.sizes.split(",")]
-    sw, which = bench.report["sweeps"], set(args.sweeps.split(","))
-    for name in ("default", "size", "edits", "corruption"):
+    sw = bench.report["sweeps"]
+    for name in ("default", "requests", "size", "edits", "corruption"):
         sw[name] = []
-    steps = ("cold", "pcg", "prepared")
-    if "default" in which:  # every scenario, cold / preconditioned / prepared, full-data curvature
-        for t in ("rc", "qm", "ir"):
-            sw["default"].append(bench.point(t, n0, r0, None, steps)["key"])
-    if "size" in which:  # RC, a fixed request, products over a fixed curvature sub-sample
-        for n in sizes:
-            sw["size"].append(bench.point("rc", n, r0, round(r0 * n0), steps, curvature_samples=m)["key"])
-    if "edits" in which:  # RC at one size, the size sweep's preparation reused by every request
-        for k in [int(x) for x in args.edits.split(",")]:
-            sw["edits"].append(bench.point("rc", args.edits_n, r0, k, steps, curvature_samples=m)["key"])
-    if "corruption" in which:  # every scenario, cold solves, full-data curvature
-        for r in [float(x) for x in args.rates.split(",")]:
-            for t in ("rc", "qm", "ir"):
-                sw["corruption"].append(bench.point(t, n0, r, None, ("cold",))["key"])
-    if "size" in which:  # what the full-data cold solve costs at larger n, while affordable
-        for n in sizes:
-            if n0 < n <= args.full_cold_max:
-                bench.point("rc", n, r0, round(r0 * n0), ("cold-full",), curvature_samples=m)
+    skipped = bench.report["skipped"] = []
+    for sweep, task, n, rate, k, answers, m in plan(args):
+        key = point_key(task, n, rate, max(1, round(rate * n)) if k is None else k, m)
+        done = key in bench.points and set(answers) <= set(bench.points[key]["answers"])
+        if sweep != "default" and not done and bench.over_budget():
+            skipped.append({"sweep": sweep, "task": task, "n": n, "rate": rate, "k": k, "answers": list(answers)})
+            _log(f"skipped (over --budget-min): {skipped[-1]}")
+            continue
+        key = bench.point(task, n, rate, k, answers, curvature_samples=m)["key"]
+        if sweep in sw and key not in sw[sweep]:
+            sw[sweep].append(key)
+        bench.checkpoint()
     bench.report["adapters"] = {"-".join(str(x) for x in key): {k: v for k, v in a.items() if k != "dir"}
                                 for key, a in bench.adapters.items()}
     bench.report["load_avg_end"] = os.getloadavg()
     bench.report["seconds"] = time.perf_counter() - bench.t0
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    bench.report["cpu_seconds"] = use.ru_utime + use.ru_stime
+    bench.report["runs"][-1].update({k: bench.report[k] for k in ("load_avg_end", "seconds", "cpu_seconds",
+                                                                    "solver")})
     bench.report["bars"] = bars(bench.report)
     return bench.report
 
@@ -355,11 +382,21 @@ def _full_cold(rep: dict, p: dict) -> dict | None:
     return same[0]["answers"]["cold"] if same else None
 
 
+def _full_estimate(rep: dict, p: dict) -> str:
+    """A full-data cold solve not run at this n: the default point's, scaled by n (its products are over n)."""
+    ref = next((q for q in rep["points"].values() if q["task"] == "rc" and q["n"] == rep["config"]["default_n"]
+                and q["curvature_samples"] is None and "cold" in q["answers"] and q["k"] == p["k"]), None)
+    if ref is None:
+        return "not run"
+    return f"≈ {ref['answers']['cold']['seconds'] * p['n'] / ref['n']:.0f} (est.: n={ref['n']}'s × n/{ref['n']})"
+
+
 def _size_fit(rep: dict) -> dict[str, Any]:
-    """Retraining time ∝ n (least squares through 0) and the cold solve's spread over n; the crossover n*."""
+    """Retraining time ∝ n (least squares through 0, on the faster of the two same-size trainings: the corrupted
+    adapter's and the retrained one's) and the cold solve's spread over n; the crossover n*."""
     pts = [_pt(rep, k) for k in rep["sweeps"]["size"]]
     ns = [p["n"] for p in pts]
-    rt = [p["retrained"]["seconds"] for p in pts]
+    rt = [min(p["retrained"]["seconds"], p["corrupted"]["train_s"]) for p in pts]  # least disturbed by load
     cold = [p["answers"]["cold"]["seconds"] for p in pts]
     per_sample = sum(n * t for n, t in zip(ns, rt)) / sum(n * n for n in ns)
     mean_cold = sum(cold) / len(cold)
@@ -383,11 +420,34 @@ def bars(rep: dict) -> dict[str, Any]:
         return out
     speed = {k.split("-")[0]: _pt(rep, k)["answers"]["prepared"]["speedup"] for k in rep["sweeps"]["default"]}
     pcg = {k.split("-")[0]: _pt(rep, k)["answers"]["pcg"]["speedup"] for k in rep["sweeps"]["default"]}
-    out["prepared_50x"] = {"prepared": speed, "pcg": pcg, "met": min(speed.values()) >= 50}
+    small = {_pt(rep, k)["k"]: _pt(rep, k)["answers"]["prepared"]["speedup"] for k in sw.get("requests", [])}
+    out["prepared_50x"] = {"prepared": speed, "pcg": pcg, "met": min(speed.values()) >= 50,
+                           "requests": small, "requests_met": bool(small) and min(small.values()) >= 50}
     return out
 
 
 # ---------------------------------------------------------------------- report
+def _runs_text(rep: dict) -> str:
+    runs = rep.get("runs") or []
+    if len(runs) < 2:
+        return ""
+    return (f" in the last of {len(runs)} runs (points carry the run that measured them; every ratio compares "
+            "times of one run): " + "; ".join(
+                f"run {i + 1} started {r.get('started', '?')}, load {_f((r.get('load_avg_start') or [None])[0], 1)}"
+                f"→{_f((r.get('load_avg_end') or [None])[0], 1)}, {_f(r.get('seconds'), 0)} s wall, damping "
+                f"{_damping(r['solver']) if r.get('solver') else '?'}" for i, r in enumerate(runs)))
+
+
+def _damping(s: dict) -> str:
+    return f"auto ({s.get('damping_scale', 0):g} × top eigenvalue)" if s["damping"] == "auto" else f"{s['damping']:g}"
+
+
+def _lam(a: dict) -> str:
+    est = a.get("damping_estimate")
+    lam = est.get("value") if isinstance(est, dict) else a.get("damping")
+    return _f(lam, 4) if isinstance(lam, (int, float)) else str(lam)
+
+
 def _row(name: str, ev: dict, rec: dict | None, extra: str) -> str:
     r = rec or {}
     return (f"| {name} | {100 * ev['test_acc']:.1f}% | {100 * ev['edited_acc']:.1f}% | {ev['edited_loss']:.3f} | "
@@ -406,11 +466,12 @@ def markdown(rep: dict) -> str:
         "# Unlearning vs retraining from scratch (issue 9, item 3)", "",
         f"Machine: {m['cpu']} ({m['cores']} cores, shared; load average {rep['load_avg_start'][0]:.1f} at start, "
         f"{rep.get('load_avg_end', [float('nan')])[0]:.1f} at end), one torch thread; torch {v['torch']}, "
-        f"transformers {v['transformers']}, peft {v['peft']}; seed {c['seed']}; total {rep.get('seconds', 0):.0f} s"
+        f"transformers {v['transformers']}, peft {v['peft']}; seed {c['seed']}; total {rep.get('seconds', 0):.0f} s "
+        f"wall, {rep.get('cpu_seconds', 0):.0f} s CPU{_runs_text(rep)}"
         f"{' (smoke run)' if c['smoke'] else ''}. Base pre-trained on {rep['sizes']['pretrain']} digits, "
         f"{rep['sizes']['test']} held-out digits, training pool {rep['sizes']['pool']} originals (larger sets: "
         "shifted/rotated copies). Solver as the demo builds it: "
-        f"{s['method']}, curvature {s['curvature']}, damping {s['damping']}, tol {s['tol']}, max_steps "
+        f"{s['method']}, curvature {s['curvature']}, damping {_damping(s)}, tol {s['tol']}, max_steps "
         f"{s['max_steps']}, batch {s['batch_size']}, stationarity check {s['stationarity_check']}. Retraining = "
         f"the demo's recipe ({rep['config']['demo']['epochs']} epochs, batch {rep['config']['demo']['batch_size']}),"
         " timed in this run. Times: wall seconds of training / `engine.solve` with the model loaded; memory: rise "
@@ -436,6 +497,18 @@ def markdown(rep: dict) -> str:
             if role in p["answers"]:
                 a = p["answers"][role]
                 lines.append(_row(role, a["eval"], a["recovery"], _ans_cols(a)))
+        lines += ["", "λ used: " + ", ".join(f"{role} {_lam(a)}" for role, a in p["answers"].items()), ""]
+    if rep["sweeps"].get("requests"):
+        lines += [f"### Smaller RC requests at n = {c['default_n']} (the default point's preparation, prepared "
+                  "one-step answer; retrained = the same data with only those k answers corrected)", "",
+                  "| k | retrain s | prepared s | × faster than retrain | rec. loss | rec. acc | rec. test acc |",
+                  "|---|---|---|---|---|---|---|"]
+        for key in rep["sweeps"]["requests"]:
+            p = _pt(rep, key)
+            a = p["answers"]["prepared"]
+            lines.append(f"| {p['k']} | {_f(p['retrained']['seconds'])} | {_f(a['seconds'])} | {_f(a['speedup'], 1)} "
+                         f"| {_f(a['recovery']['edited_loss'])} | {_f(a['recovery']['edited_acc'])} | "
+                         f"{_f(a['recovery']['test_acc'])} |")
         lines.append("")
     if prep_rows:
         lines += ["Preparations (library defaults: `lowrank`, Lanczos over the curvature set; reused by every "
@@ -466,18 +539,20 @@ def markdown(rep: dict) -> str:
         lines += [f"## Training-set size (RC, {100 * c['default_rate']:.0f}% corrupted, {round(c['default_rate'] * c['default_n'])}"
                   f" corrected per request; above n = {c['default_n']} products over a fixed curvature sub-sample "
                   f"of {msub} samples, `SolverConfig.curvature_samples`, also for the preparation)", "",
-                  "| n | retrain s | retrain RSS rise MiB | cold s (steps) | cold RSS rise MiB | full-data cold s (steps) |"
-                  " prepare s | pcg s (steps) | prepared s | × retrain: cold / pcg / prepared | rec. loss: cold / "
-                  "prepared | rec. acc: cold / prepared |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| n | retrain s (corrupted adapter's training s) | retrain RSS rise MiB | cold s (steps; s/step) | "
+                  "cold RSS rise MiB | full-data cold s (steps) | prepare s | pcg s (steps) | prepared s | × retrain: "
+                  "cold / pcg / prepared | rec. loss: cold / prepared | rec. acc: cold / prepared |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for key in rep["sweeps"]["size"]:
             p = _pt(rep, key)
             A = p["answers"]
             full = _full_cold(rep, p)
             prep = A["pcg"].get("preparation", {})
             lines.append(
-                f"| {p['n']} | {_f(p['retrained']['seconds'])} | {p['retrained']['memory']['rise_mib']:.0f} | "
-                f"{_f(A['cold']['seconds'])} ({A['cold']['steps']}) | {A['cold']['memory']['rise_mib']:.0f} | "
-                + (f"{_f(full['seconds'])} ({full['steps']})" if full else "not run") +
+                f"| {p['n']} | {_f(p['retrained']['seconds'])} ({_f(p['corrupted']['train_s'])}) | "
+                f"{p['retrained']['memory']['rise_mib']:.0f} | {_f(A['cold']['seconds'])} ({A['cold']['steps']}; "
+                f"{_f(A['cold']['seconds'] / A['cold']['steps'])}) | {A['cold']['memory']['rise_mib']:.0f} | "
+                + (f"{_f(full['seconds'])} ({full['steps']})" if full else _full_estimate(rep, p)) +
                 f" | {_f(prep.get('seconds'))} | {_f(A['pcg']['seconds'])} ({A['pcg']['steps']}) | "
                 f"{_f(A['prepared']['seconds'])} | {_f(A['cold']['speedup'])} / {_f(A['pcg']['speedup'])} / "
                 f"{_f(A['prepared']['speedup'], 1)} | {_f(A['cold']['recovery']['edited_loss'])} / "
@@ -485,7 +560,9 @@ def markdown(rep: dict) -> str:
                 f"{_f(A['prepared']['recovery']['edited_acc'])} |")
     if len(rep["sweeps"].get("size", [])) > 1:
         fit = _size_fit(rep)
-        lines += ["", f"Retraining: {1000 * fit['retrain_s_per_sample']:.2f} ms per training sample (least squares "
+        lines += ["", "Full-data cold solves are measured where the column gives steps; otherwise estimated (their "
+                  "products run over all n samples, so their cost grows like retraining's and never catches up). "
+                  f"Retraining: {1000 * fit['retrain_s_per_sample']:.2f} ms per training sample (least squares "
                   f"through 0; ×{fit['retrain_growth']:.1f} time for ×{fit['size_growth']:.0f} samples). Cold solve: "
                   f"{_f(fit['cold_s_mean'])} s on average, max/min {fit['cold_s_spread']:.2f} over the sizes: a cold "
                   f"solve beats retraining from n ≈ {fit['crossover_n']:.0f} on.", ""]
@@ -508,6 +585,10 @@ def markdown(rep: dict) -> str:
                 f"{_f(A['prepared']['recovery']['edited_loss'])} | {_f(A['cold']['recovery']['edited_acc'])} / "
                 f"{_f(A['prepared']['recovery']['edited_acc'])} | {_f(A['cold']['recovery']['test_acc'])} |")
         lines.append("")
+    if rep.get("skipped"):
+        lines += ["Skipped (the run passed `--budget-min`): " + "; ".join(
+            f"{q['sweep']} {q['task'].upper()} n={q['n']} rate={q['rate']:g} k={q['k'] or 'all'} "
+            f"({', '.join(q['answers'])})" for q in rep["skipped"]) + ".", ""]
     b = rep.get("bars") or {}
     ok = lambda x: "**met**" if x else "**missed**"  # noqa: E731
     lines += ["## Bars", ""]
@@ -526,7 +607,9 @@ def markdown(rep: dict) -> str:
         lines.append("- With a preparation ≥ 50× faster than retraining at the default size: prepared one-step "
                      + ", ".join(f"{t.upper()} {x:.0f}×" for t, x in q["prepared"].items()) + f" {ok(q['met'])}; "
                      "exact preconditioned CG " + ", ".join(f"{t.upper()} {x:.2f}×" for t, x in q["pcg"].items())
-                     + ".")
+                     + " (every corrupted pair in one request)"
+                     + ("; RC requests of " + ", ".join(f"{k} edits {x:.0f}×" for k, x in q["requests"].items())
+                        + f" (prepared one-step) {ok(q['requests_met'])}" if q.get("requests") else "") + ".")
     lines.append("")
     return "\n".join(lines)
 
@@ -579,7 +662,7 @@ def plot(rep: dict, path: Path) -> None:
                  f"{v['transformers']}, peft {v['peft']}, seed {c['seed']}; base {rep['sizes']['pretrain']} digits, "
                  f"test {rep['sizes']['test']}, n = {c['sizes']}, default n = {c['default_n']} at "
                  f"{100 * c['default_rate']:.0f}% corrupted, edits at n = {c['edits_n']}; "
-                 f"solver {rep['solver']['method']}/{rep['solver']['curvature']} λ={rep['solver']['damping']} "
+                 f"solver {rep['solver']['method']}/{rep['solver']['curvature']} λ={_damping(rep['solver'])} "
                  f"tol={rep['solver']['tol']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -598,18 +681,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-n", type=int, default=500)
     p.add_argument("--default-rate", type=float, default=0.2)
     p.add_argument("--rates", default="0.05,0.1,0.2,0.3")
-    p.add_argument("--sizes", default="500,2000,4000,16000")
+    p.add_argument("--corruption-extra", default="ir",
+                   help="scenarios whose corruption points run after the others (first to be skipped over budget)")
+    p.add_argument("--sizes", default="500,1000,2500,16000")
     p.add_argument("--edits", default="1,5,20,100,500")
-    p.add_argument("--edits-n", type=int, default=4000, help="training-set size of the edits sweep")
+    p.add_argument("--requests", default="1,5,20",
+                   help="edits per request answered with the default point's preparation (RC, default size)")
+    p.add_argument("--edits-n", type=int, default=2500, help="training-set size of the edits sweep")
     p.add_argument("--curvature-samples", type=int, default=256,
                    help="fixed curvature sub-sample of the size and edits sweeps (products and preparation)")
     p.add_argument("--full-cold-max", type=int, default=2000,
                    help="largest n of the size sweep that also gets a full-data cold solve (run last)")
     p.add_argument("--budget-min", type=float, default=45.0,
-                   help="skip the full-data cold solves at larger n once the run has taken this long")
+                   help="skip the points after the default ones once the run has taken this many minutes")
+    p.add_argument("--resume", default=None, metavar="JSON",
+                   help="keep the points of an earlier run's (partial) result and measure only the missing ones")
     p.add_argument("--report-only", default=None, metavar="JSON",
                    help="only render .md/.png from a (partial) result file")
-    p.add_argument("--damping", type=float, default=None, help="override the demo's damping")
+    p.add_argument("--damping", type=lambda x: x if x == "auto" else float(x), default=None,
+                   help="override the demo's damping (a number or 'auto')")
     p.add_argument("--max-steps", type=int, default=None, help="override the demo's max_steps")
     p.add_argument("--rank", type=int, default=None, help="override the preparation's Lanczos steps")
     p.add_argument("--sweeps", default="default,corruption,size,edits", help="which sweeps to run")
@@ -617,6 +707,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.n_pretrain, args.n_test, args.pool = 60, 30, 16
         args.default_n, args.rates, args.sizes, args.edits, args.edits_n = 16, "0.125,0.25", "16,40", "1,4", 40
+        args.requests = "1,2"
         args.curvature_samples, args.full_cold_max = 12, 40
         args.n_test, args.max_steps, args.rank = 20, args.max_steps or 3, args.rank or 4
     return args

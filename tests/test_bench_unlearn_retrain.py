@@ -70,7 +70,8 @@ def test_smoke_run_has_every_point_with_finite_recovery(smoke):
         sorted((t, r) for t in ("rc", "qm", "ir") for r in rates)
     assert [points[k]["n"] for k in sw["size"]] == [int(n) for n in cfg["sizes"].split(",")]
     assert [points[k]["k"] for k in sw["edits"]] == [int(k) for k in cfg["edits"].split(",")]
-    expect = {"default": {"cold", "pcg", "prepared"}, "corruption": {"cold"}, "size": {"cold", "pcg", "prepared"},
+    assert [points[k]["k"] for k in sw["requests"]] == [int(k) for k in cfg["requests"].split(",")]
+    expect = {"default": {"cold", "pcg", "prepared"}, "requests": {"prepared"}, "corruption": {"cold"}, "size": {"cold", "pcg", "prepared"},
               "edits": {"cold", "pcg", "prepared"}}
     for sweep, keys in sw.items():
         for key in keys:
@@ -101,7 +102,7 @@ def test_smoke_run_has_every_point_with_finite_recovery(smoke):
     assert {"recovery_rc", "recovery_qm", "flat_cold", "prepared_50x"} <= set(rep["bars"])
     md = (out / "unlearn_vs_retrain.md").read_text()
     assert rep["machine"]["cpu"] in md and "## Bars" in md and "| retrained |" in md
-    assert md.count("**met**") + md.count("**missed**") == 4
+    assert md.count("**met**") + md.count("**missed**") == 5
 
 
 def test_report_renders_from_a_partial_result(smoke, tmp_path):
