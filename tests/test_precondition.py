@@ -80,6 +80,14 @@ def test_every_preconditioner_keeps_cg_exact(mlp_problem, kind):
     assert res.converged and _rel(res.delta, ref.delta) < 1e-7
 
 
+def test_auto_damping_with_a_preconditioner_takes_its_lambda(mlp_problem):
+    eng, edits, ref = mlp_problem
+    pre = build_preconditioner(eng, "ggn", 0.01, PreconditionerConfig(kind="lowrank", rank=8, batch_size=7))
+    res = eng.solve(edits, SolverConfig(method="prepared", curvature="ggn", progress=False), preconditioner=pre)
+    assert res.config["damping"] == 0.01 and res.info["damping"]["rule"] == "the preconditioner's λ"
+    assert res.product_samples == eng.n  # the one residual product: no spectrum estimate
+
+
 def test_full_rank_lanczos_is_the_exact_inverse(mlp_problem):
     """Lanczos run to the parameter count finds every eigenpair: M = (H+λI)⁻¹, PCG needs one step, 'prepared' is
     exact."""

@@ -365,7 +365,12 @@ class InfluenceEngine:
             return SolveResult(zero, 0.0, True, 0, [], 0.0, 0.0, 0, time.perf_counter() - t0, config.to_dict(),
                                {**info, "note": "b = 0: the edits do not change the objective"})
 
-        config, damping_info = self.resolve_damping(config, curv, curv_idx)
+        if config.auto_damping and getattr(preconditioner, "damping", None):  # made for a λ: 'auto' means that one
+            config = dataclasses.replace(config, damping=float(preconditioner.damping))
+            damping_info: dict[str, Any] | None = {"rule": "the preconditioner's λ", "value": config.damping,
+                                                   "increases": [], "product_samples": 0}
+        else:
+            config, damping_info = self.resolve_damping(config, curv, curv_idx)
         samples = 0
         if damping_info is not None:
             info["damping"] = damping_info
