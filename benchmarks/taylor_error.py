@@ -59,42 +59,18 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- recording refinement iterates
-class RecordingEngine(InfluenceEngine):
-    """An engine that keeps every linear solve's solution, so that one ``refine_steps=K`` solve also yields the
-    iterates of K' < K steps (δ_{k+1} = δ_k + t_k s_{k+1}, t_k the line-search step the result reports)."""
-
-    def _linear_solve(self, *args: Any, **kwargs: Any) -> Any:
-        out, samples = super()._linear_solve(*args, **kwargs)
-        self.recorded = getattr(self, "recorded", [])
-        self.recorded.append([t.detach().clone() for t in out.x])
-        return out, samples
-
-
-def refinement_iterates(engine: RecordingEngine, edits: list[Edit], config: SolverConfig,
+def refinement_iterates(engine: InfluenceEngine, edits: list[Edit], config: SolverConfig,
                         preconditioner: Any = None) -> tuple[list[torch.Tensor], list[float], Any]:
-    """Flattened δ after 0..K refinement steps and their stationarity gaps, from one K-step solve. The last
-    reconstructed iterate must equal the solve's δ bit for bit; otherwise (engine internals changed) each K is
-    solved separately."""
-    engine.recorded = []
-    res = engine.solve(edits, config, preconditioner=preconditioner)
-    ref = res.info["refinement"]
-    iterates = [engine.recorded[0]] if engine.recorded else []
-    for k, entry in enumerate(ref[:-1]):
-        if not iterates or len(engine.recorded) <= k + 1 or not entry.get("step_size"):
-            break
-        iterates.append(V.axpy(entry["step_size"], engine.recorded[k + 1], iterates[-1]))
-    final = V.flatten([res.delta[n] for n in engine.names])
-    if len(iterates) == len(ref) and torch.equal(V.flatten(iterates[-1]), final):
-        deltas = [V.flatten(x) for x in iterates]
-        gaps = [e["stationarity_gap"] for e in ref]
-    else:  # a step without decrease ended refinement early, or the hook no longer sees the solves
-        deltas, gaps = [], []
-        for k in range(config.refine_steps + 1):
-            cfg = SolverConfig(**{**config.to_dict(), "refine_steps": k})
-            r = engine.solve(edits, cfg, preconditioner=preconditioner)
-            deltas.append(V.flatten([r.delta[n] for n in engine.names]))
-            gaps.append(r.info["stationarity_gap"])
-    return deltas, gaps, res
+    """Flattened δ after 0..K refinement steps and their stationarity gaps, from one K-step solve
+    (``solve(callback=)`` sees every accepted Newton step). When refinement stops early (no decrease, or a step
+    that raised the gap and was undone) the later K keep the last accepted δ, as a K-step solve returns it."""
+    seen: list[tuple[torch.Tensor, float]] = []
+    res = engine.solve(edits, config, preconditioner=preconditioner,
+                       callback=lambda k, delta, rec: seen.append(
+                           (V.flatten([delta[n] for n in engine.names]), rec["stationarity_gap"])))
+    while len(seen) < config.refine_steps + 1:
+        seen.append(seen[-1])
+    return [d for d, _ in seen], [g for _, g in seen], res
 
 
 # ----------------------------------------------------------------------------- (a) convex model
@@ -192,7 +168,7 @@ def run_convex(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         model.lin.weight.copy_(theta_hat[:-1].view(1, -1))
         model.lin.bias.copy_(theta_hat[-1:])
-    engine = RecordingEngine(model, loss, train)
+    engine = InfluenceEngine(model, loss, train)
     base = dict(method="cg", curvature="hessian", damping=0.0, tol=1e-12, max_steps=500, batch_size=n,
                 progress=False)
     rows, recon = [], 0.0
@@ -388,7 +364,7 @@ def run_llava(args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any
     bundle = load_model(scen.base, adapter=hat_dir, options=LoadOptions(device="cpu", dtype="float64"))
     cache = bundle.feature_cache()
     train = scen.data(0)
-    engine = RecordingEngine(bundle.model, cache.loss_fn, train, collate_fn=cache.collate)
+    engine = InfluenceEngine(bundle.model, cache.loss_fn, train, collate_fn=cache.collate)
     n, bs = engine.n, args.batch_size
     theta_hat = [p.detach().clone() for p in engine.params]
 
