@@ -384,7 +384,7 @@ class InfluenceEngine:
             g_hat = self.mean_gradient(curv_idx, config.batch_size)  # ∇R(θ̂), removed by the correction
             saved = [p.detach().clone() for p in self.params]
             refinement: list[dict[str, Any]] = []
-            before: tuple[V.Vec, Any] | None = None  # (x, out) before the last accepted Newton step
+            before: tuple[V.Vec, Any, SolverConfig] | None = None  # (x, out, config) before the last Newton step
             edit_samples = 2 * len(edits)
 
             def edit_curvature(v: V.Vec) -> V.Vec:  # R̃_E's Hessian is H + the edits' own curvature
@@ -405,13 +405,16 @@ class InfluenceEngine:
                         # the step lowered R̃_E yet moved away from its stationary point (a curvature that misreads
                         # R̃_E, e.g. GGN where the Hessian is indefinite): undo it and stop
                         refinement.append({"newton_step": k + 1, "stationarity_gap": gap, "rejected": True})
-                        x, out = before
+                        x, out, config = before  # with the λ that x was solved with (a step may have raised it)
+                        if damping_info is not None:
+                            damping_info["value"] = config.damping
                         break
                     refinement.append({"newton_step": k + 1, "stationarity_gap": gap})
                     if callback is not None:
                         callback(k + 1, self._named(x), refinement[-1])
                     if k == config.refine_steps:
                         break
+                    config_before = config
                     step_out, step_samples, config = self._damped_solve(curv, config, V.scale(-1.0, grad),
                                                                         curv_idx, resid_idx, damping_info,
                                                                         edit_curvature)
@@ -430,7 +433,7 @@ class InfluenceEngine:
                                           seconds=time.perf_counter() - t_k)
                     if t < 1 / 16:  # no decrease along the Newton direction: stop refining
                         break
-                    before = (x, out)
+                    before = (x, out, config_before)
                     x, out = trial, step_out
             finally:
                 self._set_params(saved, None)
