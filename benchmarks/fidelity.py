@@ -65,20 +65,17 @@ class Scenario:
     def score(self, flat_delta: torch.Tensor | None = None) -> dict[str, Any]:
         """Evaluate θ̂ + δ (δ flattened; None: the model as it is) and the recovery ratios."""
         if flat_delta is not None:
-            with torch.no_grad():
-                for p, t, d in zip(self.engine.params, self.theta, V.unflatten(flat_delta, self.theta)):
-                    p.copy_(t + d)
+            self.place(flat_delta)
         try:
             row = evaluate_bundle(self.bundle, self.sets)
         finally:
-            self.reset()
+            self.place(None)
         rows = {**self.rows, "mmerase": row}
         return {"row": row, **recoveries(self.task, rows, "validation"), **recoveries(self.task, rows, "test")}
 
-    def reset(self) -> None:
-        with torch.no_grad():
-            for p, t in zip(self.engine.params, self.theta):
-                p.copy_(t)
+    def place(self, flat_delta: torch.Tensor | None) -> None:
+        """θ ← θ̂ + δ (None: θ̂)."""
+        self.engine.set_parameters(self.theta, None if flat_delta is None else V.unflatten(flat_delta, self.theta))
 
 
 def sweep_damping(sc: Scenario, curvature: str, scales: tuple[float, ...], krylov: int) -> dict[str, Any]:
@@ -114,9 +111,7 @@ def refine(sc: Scenario, curvature: str, damping: float, steps: int, tol: float,
         flat = V.flatten([delta[n] for n in sc.engine.names])
         out.append({"refine_steps": k - 1, "stationarity_gap": rec["stationarity_gap"],
                     "seconds_so_far": time.perf_counter() - t0, **sc.score(flat)})
-        with torch.no_grad():  # score() restored θ̂; the solve continues from θ̂ + δ_k
-            for p, t, d in zip(sc.engine.params, sc.theta, V.unflatten(flat, sc.theta)):
-                p.copy_(t + d)
+        sc.place(flat)  # score() restored θ̂; the solve continues from θ̂ + δ_k
 
     res = sc.engine.solve(sc.edits, SolverConfig(method="cg", curvature=curvature, damping=damping, tol=tol,
                                                  max_steps=100, batch_size=128, seed=seed, refine_steps=steps,

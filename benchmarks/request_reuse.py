@@ -31,7 +31,7 @@ import torch
 
 from mmerase import Edit, InfluenceEngine, SolverConfig
 from mmerase.data import DIGIT_WORDS, digit_images, digit_samples, modify_sample
-from mmerase.demo import DemoConfig, _pretrain_base, _split, _train_adapter
+from mmerase.demo import DemoConfig, _pretrain_base, _split, _train_adapter, recovery_ratio
 from mmerase.influence import vectors as V
 from mmerase.influence.precondition import PreconditionerConfig, build_preconditioner
 from mmerase.models import LoadOptions, load_model
@@ -113,11 +113,9 @@ class Evaluator:
 
 
 def _recovery(row: dict, corrupted: dict, retrained: dict) -> dict[str, float | None]:
-    out = {}
-    for key in ("edited_loss", "edited_acc", "test_acc"):
-        gap = retrained[key] - corrupted[key]
-        out[key] = None if abs(gap) < 1e-12 else (row[key] - corrupted[key]) / gap
-    return out
+    """Recovery ratio of each metric (None when there is no gap)."""
+    return {key: recovery_ratio(row[key], corrupted[key], retrained[key])
+            for key in ("edited_loss", "edited_acc", "test_acc")}
 
 
 def _rel(a: dict, b: dict) -> float:

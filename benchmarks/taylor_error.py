@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mmerase import Edit, InfluenceEngine, SolverConfig  # noqa: E402
+from mmerase.demo import evaluate_bundle  # noqa: E402
 from mmerase.influence import vectors as V  # noqa: E402
 from mmerase.record import machine, versions  # noqa: E402
 
@@ -229,9 +230,7 @@ class EditedObjective:
 
     def __call__(self, x: torch.Tensor) -> tuple[float, torch.Tensor]:
         eng = self.engine
-        with torch.no_grad():
-            for p, t, dx in zip(eng.params, self.theta_hat, V.unflatten(x, self.theta_hat)):
-                p.copy_(t + dx)
+        eng.set_parameters(self.theta_hat, V.unflatten(x, self.theta_hat))
         eng.model.eval()
         n = eng.n
         f, g = self._weighted(list(eng.train_set), 1.0 / n)
@@ -245,9 +244,7 @@ class EditedObjective:
         return f - float(self.g_hat @ x) + 0.5 * self.damping * float(x @ x), flat
 
     def restore(self) -> None:
-        with torch.no_grad():
-            for p, t in zip(self.engine.params, self.theta_hat):
-                p.copy_(t)
+        self.engine.set_parameters(self.theta_hat)
 
 
 def minimise(obj: EditedObjective, x0: torch.Tensor, b_norm: float, tol: float, max_iter: int
@@ -306,7 +303,6 @@ class LlavaScenario:
         self.truth = {k: targets[train_idx[k]] for k in self.bad}
         self.test = digit_samples(test_idx, prefix="test-")
         self.test_labels = [targets[i] for i in test_idx]
-        self.words = DIGIT_WORDS
         t = time.perf_counter()
         self.base = self.work / "base"
         if self.base.exists():
@@ -371,22 +367,13 @@ def run_llava(args: argparse.Namespace, checkpoint: Any = None) -> dict[str, Any
     def evaluate(delta: torch.Tensor | None, k: int) -> dict[str, float]:
         """Held-out accuracy, and accuracy and mean loss on the k corrected samples, at θ̂ + δ."""
         if delta is not None:
-            with torch.no_grad():
-                for p, t, d in zip(engine.params, theta_hat, V.unflatten(delta, theta_hat)):
-                    p.copy_(t + d)
+            engine.set_parameters(theta_hat, V.unflatten(delta, theta_hat))
         try:
             fixed = [scen.clean[i] for i in scen.bad[:k]]
             labels = [scen.truth[i] for i in scen.bad[:k]]
-            out = {}
-            for name, samples, truth in (("test", scen.test, scen.test_labels), ("edited", fixed, labels)):
-                answers = bundle.generate(samples, max_new_tokens=8, batch_size=64, progress=False)
-                out[f"{name}_acc"] = sum(a == scen.words[y] for a, y in zip(answers, truth)) / len(truth)
-            out["edited_loss"] = float(bundle.per_sample_losses(fixed, batch_size=64).mean())
-            return out
+            return evaluate_bundle(bundle, {"test": (scen.test, scen.test_labels), "edited": (fixed, labels)}, False)
         finally:
-            with torch.no_grad():
-                for p, t in zip(engine.params, theta_hat):
-                    p.copy_(t)
+            engine.set_parameters(theta_hat)
 
     g_hat = V.flatten(engine.mean_gradient(list(range(n)), bs))
     report: dict[str, Any] = {"n_train": n, "n_test": len(scen.test), "n_pretrain": args.llava_pretrain,

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _augment import augmented_digits  # noqa: E402
-from request_reuse import _f, _log  # noqa: E402
+from request_reuse import _f, _log, _recovery as recovery  # noqa: E402
 
 from mmerase import Edit, InfluenceEngine, SolverConfig  # noqa: E402
 from mmerase import demo as D  # noqa: E402
@@ -294,11 +294,6 @@ class Bench:
             preps["-".join(str(x) for x in key)] = summary
             _log(f"prepared {key}: {secs:.1f} s ({summary['products']} products)")
         return self._preps[key]
-
-
-def recovery(row: dict, corrupted: dict, retrained: dict) -> dict[str, float | None]:
-    """(unlearned − corrupted) / (retrained − corrupted) for each metric (None when there is no gap)."""
-    return {m: D._ratio(row[m], corrupted[m], retrained[m]) for m in ("edited_loss", "edited_acc", "test_acc")}
 
 
 # ---------------------------------------------------------------------- sweeps

@@ -135,7 +135,8 @@ def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int]]]
     return out
 
 
-def _ratio(unlearned: float, corrupted: float, retrained: float) -> float | None:
+def recovery_ratio(unlearned: float, corrupted: float, retrained: float) -> float | None:
+    """(unlearned − corrupted) / (retrained − corrupted); None when there is no gap."""
     gap = retrained - corrupted
     return None if abs(gap) < 1e-12 else (unlearned - corrupted) / gap
 
@@ -322,13 +323,13 @@ def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
 def recoveries(task: str, rows: dict[str, dict[str, float]], held_out: str = "test") -> dict[str, float | None]:
     """Recovery ratios (unlearned − corrupted)/(retrained − corrupted) of a scenario's evaluation rows."""
     c, r, u = rows["corrupted"], rows["retrained"], rows["mmerase"]
-    out = {f"recovery_{held_out}_acc": _ratio(u[f"{held_out}_acc"], c[f"{held_out}_acc"], r[f"{held_out}_acc"])}
+    out = {f"recovery_{held_out}_acc": recovery_ratio(u[f"{held_out}_acc"], c[f"{held_out}_acc"], r[f"{held_out}_acc"])}
     if task == "ir":
         out["forget_loss_rel_diff"] = abs(u["forget_loss"] - r["forget_loss"]) / abs(r["forget_loss"])
-        out["recovery_forget_loss"] = _ratio(u["forget_loss"], c["forget_loss"], r["forget_loss"])
+        out["recovery_forget_loss"] = recovery_ratio(u["forget_loss"], c["forget_loss"], r["forget_loss"])
     else:
-        out["recovery_edited_acc"] = _ratio(u["edited_acc"], c["edited_acc"], r["edited_acc"])
-        out["recovery_edited_loss"] = _ratio(u["edited_loss"], c["edited_loss"], r["edited_loss"])
+        out["recovery_edited_acc"] = recovery_ratio(u["edited_acc"], c["edited_acc"], r["edited_acc"])
+        out["recovery_edited_loss"] = recovery_ratio(u["edited_loss"], c["edited_loss"], r["edited_loss"])
     return out
 
 

@@ -395,7 +395,7 @@ class InfluenceEngine:
             try:
                 for k in range(config.refine_steps + 1):
                     t_k = time.perf_counter()
-                    self._set_params(saved, x)
+                    self.set_parameters(saved, x)
                     grad = V.sub(V.sub(self.mean_gradient(curv_idx, config.batch_size), g_hat),
                                  self.edit_gradient(edits, config.batch_size))  # ∇R̃_E(θ̂ + x)
                     if config.damping:  # the damping is a proximal term (λ/2)‖θ − θ̂‖² of the objective
@@ -436,16 +436,16 @@ class InfluenceEngine:
                     before = (x, out, config_before)
                     x, out = trial, step_out
             finally:
-                self._set_params(saved, None)
+                self.set_parameters(saved, None)
             info["stationarity_gap"] = [r for r in refinement if not r.get("rejected")][-1]["stationarity_gap"]
             info["refinement"] = refinement
         elif callback is not None:
             saved = [p.detach().clone() for p in self.params]
             try:
-                self._set_params(saved, x)
+                self.set_parameters(saved, x)
                 callback(1, self._named(x), {"newton_step": 1})
             finally:
-                self._set_params(saved, None)
+                self.set_parameters(saved, None)
         delta = self._named(x)
         return SolveResult(delta=delta, residual=out.residual, converged=out.converged, steps=steps, history=history,
                            b_norm=b_norm, delta_norm=V.norm(x), product_samples=samples,
@@ -458,7 +458,7 @@ class InfluenceEngine:
                           config: SolverConfig) -> float:
         """R̃_E(θ̂ + x) up to a constant: the mean training loss, minus the stationarity correction ∇R(θ̂)ᵀx,
         plus the edits' (1/n)-weighted loss change and the proximal damping term."""
-        self._set_params(base, x)
+        self.set_parameters(base, x)
         with torch.no_grad(), self._inference_mode():
             train = self._loss_sum(_Indexed(self.train_set, idx), config.batch_size) / len(idx)
             new = self._loss_sum([e.new for e in edits if e.new is not None], config.batch_size)
@@ -503,8 +503,9 @@ class InfluenceEngine:
                 damping_info["value"] = lam
                 config = dataclasses.replace(config, damping=lam)
 
-    def _set_params(self, base: V.Vec, offset: V.Vec | None) -> None:
-        """θ ← base (+ offset), exactly."""
+    def set_parameters(self, base: V.Vec, offset: V.Vec | None = None) -> None:
+        """θ ← base (+ offset), exactly: e.g. to evaluate θ̂ + δ for several candidate δ and return to θ̂ without the
+        rounding drift of apply(δ) / apply(δ, alpha=-1)."""
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(base[i] if offset is None else base[i] + offset[i])
