@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lora_points import perturb_lora_b  # tests/ is on sys.path: the script's folder, or pytest's
 
 torch.set_num_threads(1)
 
@@ -24,11 +25,7 @@ def _bundle(model_dir: str):
 
     b = load_model(model_dir, lora=LoraSettings(r=4, train_projector=True),
                    options=LoadOptions(dtype="float64", device="cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # LoRA starts at B = 0: give it generic values
-        for n, p in b.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    perturb_lora_b(b.model)
     return b
 
 

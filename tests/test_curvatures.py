@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from torch.func import functional_call, jacfwd
+from lora_points import perturb_lora_b
 
 from mmerase.data import Sample
 from mmerase.influence import InfluenceEngine, make_curvature
@@ -30,11 +31,7 @@ SAMPLES = [_chat("a", "Say hi", "hi there"), _chat("b", "Count", "one two three 
 
 def _bundle(model_dir, dtype="float64", lora=ONE_LORA, scale=0.5, **opts):
     b = load_model(model_dir, lora=lora, options=LoadOptions(dtype=dtype, device="cpu", **opts))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # LoRA starts at B = 0: give it generic values
-        for n, p in b.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    perturb_lora_b(b.model, scale=scale, draw_dtype=torch.float64)
     return b
 
 

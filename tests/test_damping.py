@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from lora_points import perturb_lora_b
 
 from mmerase import Edit, InfluenceEngine, SolverConfig
 from mmerase.data import digit_samples, modify_sample
@@ -35,11 +36,7 @@ def dense_matrix(engine: InfluenceEngine, curvature: str) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def llava_one_lora(tiny_llava_dir):
     bundle = load_model(tiny_llava_dir, lora=ONE_LORA, options=LoadOptions(dtype="float64", device="cpu"))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # LoRA starts at B = 0; a generic point has curvature of both signs
-        for n, p in bundle.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    perturb_lora_b(bundle.model, seed=3, scale=0.5)  # a generic point has curvature of both signs
     samples = digit_samples(range(6))
     engine = InfluenceEngine(bundle.model, bundle.loss_fn, samples, collate_fn=bundle.collate)
     return engine, dense_matrix(engine, "hessian")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_points import perturb_lora_b
 from safetensors.torch import load_file
 
 from mmerase.influence import InfluenceError
@@ -133,11 +134,7 @@ def test_cli_under_torchrun_writes_once_and_matches_one_process(tiny_llama_dir, 
     from mmerase.models import LoadOptions, LoraSettings, load_model
 
     b = load_model(tiny_llama_dir, lora=LoraSettings(r=4), options=LoadOptions(dtype="float64", device="cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in b.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+    perturb_lora_b(b.model)
     adapter = b.save_adapter(tmp_path / "adapter")
     rows = [{"id": f"q{i}", "conversations": [{"from": "human", "value": f"Spell {i}"},
                                                {"from": "gpt", "value": w}]}

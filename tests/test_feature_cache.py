@@ -11,16 +11,11 @@ from mmerase import Edit, InfluenceEngine
 from mmerase.data import Sample, digit_samples, modify_sample
 from mmerase.influence import vectors as V
 from mmerase.models import LoadOptions, LoraSettings, load_model
+from lora_points import perturb_lora_b
 
 F64 = LoadOptions(dtype="float64", device="cpu")
 
 
-def _perturb_lora_b(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 def _samples():
@@ -35,7 +30,7 @@ def _rel(a, b):
 @pytest.fixture(scope="module", params=[False, True], ids=["frozen-projector", "trainable-projector"])
 def llava(request, tiny_llava_dir):
     b = load_model(tiny_llava_dir, lora=LoraSettings(r=2, train_projector=request.param), options=F64)
-    _perturb_lora_b(b.model)
+    perturb_lora_b(b.model)
     return b
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from lora_points import perturb_lora_b
 
 from mmerase.data import DataError, Sample, digit_images, digit_samples, modify_sample
 from mmerase.models import (AdapterMismatchError, LlavaBundle, LoadOptions, LoraSettings, ModelLoadError, TextBundle,
@@ -20,26 +21,19 @@ def _chat(*turns, image=None, sid="t"):
     return Sample(sid, [{"from": r, "value": v} for r, v in zip(roles, turns)], image=image)
 
 
-def _perturb_lora_b(model, seed=0, scale=0.05):
-    """LoRA starts with B = 0 (a degenerate point): give B small random values so products are generic."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 @pytest.fixture(scope="module")
 def llava64(tiny_llava_dir):
     b = load_model(tiny_llava_dir, lora=LoraSettings(r=4, train_projector=True), options=F64)
-    _perturb_lora_b(b.model)
+    perturb_lora_b(b.model)
     return b
 
 
 @pytest.fixture(scope="module")
 def llama64(tiny_llama_dir):
     b = load_model(tiny_llama_dir, lora=LoraSettings(r=4), options=F64)
-    _perturb_lora_b(b.model)
+    perturb_lora_b(b.model)
     return b
 
 
@@ -306,7 +300,7 @@ def test_gradient_checkpointing_keeps_exact_hvps(tiny_llava_dir, mixed_samples):
     for ckpt in (False, True):
         b = load_model(tiny_llava_dir, lora=LoraSettings(r=4), options=LoadOptions(
             dtype="float64", device="cpu", gradient_checkpointing=ckpt))
-        _perturb_lora_b(b.model)
+        perturb_lora_b(b.model)
         b.model.train()
         params = list(b.trainable_parameters().values())
         g = torch.Generator().manual_seed(3)
@@ -323,7 +317,7 @@ def test_bfloat16_base_keeps_trainable_parameters_float32(tiny_llava_dir, tmp_pa
     base = b.model.get_base_model()
     assert base.model.language_model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
     assert {p.dtype for p in b.trainable_parameters().values()} == {torch.float32}
-    _perturb_lora_b(b.model)
+    perturb_lora_b(b.model)
     with torch.no_grad():
         for n, p in b.trainable_parameters().items():
             if "multi_modal_projector" in n:

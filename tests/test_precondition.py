@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_engine import DT, CETask, dense_ggn, lora_engine, make_data  # noqa: F401  (shared fixtures)
+from lora_points import perturb_lora_b
 
 from mmerase import Edit, InfluenceEngine, SolverConfig
 from mmerase.data import Sample, digit_samples, modify_sample
@@ -24,18 +25,12 @@ def _rel(a: dict, b: dict) -> float:
     return float((fa - fb).norm() / fb.norm())
 
 
-def _perturb_lora_b(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
 def _family_engine(family, tiny_llava_dir, tiny_llama_dir):
     path = tiny_llava_dir if family == "llava" else tiny_llama_dir
     bundle = load_model(path, lora=LoraSettings(r=2), options=LoadOptions(dtype="float64", device="cpu"))
-    _perturb_lora_b(bundle.model)
+    perturb_lora_b(bundle.model)
     if family == "llava":
         samples = digit_samples(range(6))
     else:

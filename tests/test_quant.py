@@ -12,15 +12,12 @@ from mmerase.data import Sample, digit_samples  # noqa: E402
 from mmerase.influence import InfluenceEngine  # noqa: E402
 from mmerase.models import LoadOptions, LoraSettings, load_model  # noqa: E402
 from mmerase.models.quant import dequantized_copy, prepare_4bit  # noqa: E402
+from lora_points import perturb_lora_b  # noqa: E402
 
 
 def _nf4(model_dir, recompute: bool = True):
     b = load_model(model_dir, lora=LoraSettings(r=4), options=LoadOptions(quantization="nf4", device="cpu"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in b.model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_lora_b(b.model)
     if not recompute:
         prepare_4bit(b.model, recompute=False)
     return b
