@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,7 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
     previous = read_record(adapter)
     preparation, prep_notes = open_preparation(prepared, adapter=adapter, data=data, solver=solver,
                                                adapter_record=previous) if prepared else (None, [])
-    if preparation is not None and solver.auto_damping:  # the preparation fixed λ; 'auto' means: use it
-        solver = replace(solver, damping=preparation.damping)
+    if preparation is not None and solver.auto_damping:  # the engine takes the preconditioner's λ for 'auto'
         prep_notes.append(f"damping 'auto' uses the preparation's λ = {preparation.damping:g}")
     bundle = load_model(base, adapter=adapter, options=options)
     t_load = time.perf_counter() - t0
