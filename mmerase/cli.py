@@ -93,6 +93,9 @@ SOLVER_OPTS = [
         "(default: all)", None, _optional_int),
     Opt("--refine-steps", "Newton refinement steps after the influence update (each: one gradient pass + a solve)",
         0, int),
+    Opt("--refine-damping", "in refinement, λ is a proximal term around the trained adapter (proximal: stays near "
+        "it) or damps each Newton step only (step: converges to the undamped edited optimum)", "proximal",
+        choices=("proximal", "step")),
 ]
 SCALE_OPTS = [
     Opt("--ggn-jvp", "how ggn computes J·v: autograd (exact, double backward) or fd (first-order passes; the default "
@@ -177,7 +180,7 @@ def _cmd_unlearn(a: argparse.Namespace) -> int:
                           damping_scale=a.damping_scale, tol=a.tol, batch_size=a.batch_size,
                           max_steps=a.max_steps, seed=a.seed, lr=a.lr,
                           curvature_samples=a.curvature_samples, refine_steps=a.refine_steps,
-                          ggn_jvp=ggn_jvp, progress=a.progress)
+                          refine_damping=a.refine_damping, ggn_jvp=ggn_jvp, progress=a.progress)
     solver.residual_samples, solver.stationarity_check = a.residual_samples, a.stationarity_check
     exact = a.curvature == "hessian" or (a.curvature == "ggn" and ggn_jvp == "autograd")
     dist = init_from_env()  # torchrun/deepspeed launch: one process group, rank 0 writes

@@ -530,3 +530,24 @@ def test_refinement_uses_the_edited_curvature_so_removals_converge_too(logreg):
               callback=lambda k, delta, rec: seen.append(V.flatten([delta[n] for n in eng.names])))
     errors = [float((d - ref).norm() / ref.norm()) for d in seen]
     assert errors[0] > 0.01 and errors[1] < errors[0] / 10 and errors[2] < 1e-5, errors
+
+
+def test_step_damped_refinement_reaches_retraining_where_proximal_damping_holds_back(logreg):
+    """With λ large against the curvature, proximal refinement converges to the damped objective's minimiser (a
+    fixed distance from retraining); step damping (Levenberg–Marquardt) converges to the retrained optimum."""
+    model, data = logreg
+    flip = list(range(0, 600, 20))  # 5%
+    edited = [(s[0], 1 - s[1]) if i in flip else s for i, s in enumerate(data)]
+    ref = _retrain_delta(model, edited)
+    eng = InfluenceEngine(model, logreg_loss, data)
+    edits = [Edit(old=data[i], new=edited[i]) for i in flip]
+    errors = {}
+    for mode in ("proximal", "step"):
+        seen = []
+        eng.solve(edits, SolverConfig(damping=0.05, tol=1e-12, refine_steps=8, batch_size=200, refine_damping=mode),
+                  callback=lambda k, delta, rec: seen.append(V.flatten([delta[n] for n in eng.names])))
+        errors[mode] = [float((d - ref).norm() / ref.norm()) for d in seen]
+    assert errors["proximal"][0] == errors["step"][0] > 0.1  # step 1 is the same damped influence update
+    assert errors["proximal"][-1] > 0.1, errors  # converged, to the damped minimiser
+    assert abs(errors["proximal"][-1] - errors["proximal"][-2]) < 1e-5, errors  # (it stops once converged)
+    assert errors["step"][-1] < 1e-4 and errors["step"] == sorted(errors["step"], reverse=True), errors

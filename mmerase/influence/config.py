@@ -57,6 +57,11 @@ class SolverConfig:
     refine_steps: Newton refinement steps after the influence update (0: the plain update), each one
                  gradient pass over the curvature set plus a solve with the edited objective's curvature; a step
                  that raises the stationarity gap is undone and ends the refinement.
+    refine_damping: what λ is in refinement. 'proximal' (default): a term (λ/2)‖θ − θ̂‖² of the edited
+                 objective, so refinement converges to the damped update's exact version and stays near θ̂.
+                 'step': only each Newton step is damped (Levenberg–Marquardt), so refinement converges to a
+                 stationary point of the undamped corrected objective, the retrained adapter's if the loss is
+                 locally convex there; it may walk far along flat directions where it is not.
     stationarity_check: compute the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes).
     progress:    show a progress bar (None: only on a terminal).
     """
@@ -80,6 +85,7 @@ class SolverConfig:
     dense_max_params: int = 4096
     divergence_factor: float = 1e3
     refine_steps: int = 0
+    refine_damping: str = "proximal"
     stationarity_check: bool = True
     progress: bool | None = None
 
@@ -87,6 +93,7 @@ class SolverConfig:
         _check_choice("solver", self.method, SOLVERS)
         _check_choice("curvature", self.curvature, CURVATURES)
         _check_choice("ggn_jvp", self.ggn_jvp, ("autograd", "fd"))
+        _check_choice("refine_damping", self.refine_damping, ("proximal", "step"))
         if isinstance(self.damping, str) and self.damping != "auto":
             try:
                 self.damping = float(self.damping)

@@ -398,7 +398,7 @@ class InfluenceEngine:
                     self.set_parameters(saved, x)
                     grad = V.sub(V.sub(self.mean_gradient(curv_idx, config.batch_size), g_hat),
                                  self.edit_gradient(edits, config.batch_size))  # ∇R̃_E(θ̂ + x)
-                    if config.damping:  # the damping is a proximal term (λ/2)‖θ − θ̂‖² of the objective
+                    if config.damping and config.refine_damping == "proximal":  # a term (λ/2)‖θ − θ̂‖²
                         grad = V.axpy(config.damping, x, grad)
                     gap = V.norm(grad) / b_norm
                     if before is not None and gap > refinement[-1]["stationarity_gap"]:
@@ -463,7 +463,8 @@ class InfluenceEngine:
             train = self._loss_sum(_Indexed(self.train_set, idx), config.batch_size) / len(idx)
             new = self._loss_sum([e.new for e in edits if e.new is not None], config.batch_size)
             old = self._loss_sum([e.old for e in edits if e.old is not None], config.batch_size)
-        return train - V.dot(g_hat, x) + (new - old) / self.n + 0.5 * config.damping * V.dot(x, x)
+        prox = 0.5 * config.damping * V.dot(x, x) if config.refine_damping == "proximal" else 0.0
+        return train - V.dot(g_hat, x) + (new - old) / self.n + prox
 
     def _loss_sum(self, samples: Sequence, batch_size: int) -> float:
         total = 0.0
