@@ -8,8 +8,11 @@ For each scenario (RC, QM, IR) the demo's corrupted adapter is unlearned with ev
 run started at b gives k-step CG's answer for every λ at once (``shifted_solutions``), so the damping sweep costs one
 solve per curvature. Every candidate is scored on the **validation split** (digits neither trained on nor tested);
 the default (curvature, s) is the one with the best mean validation-accuracy recovery over RC and QM. For each
-curvature at its best s, a solve with 2 Newton refinement steps reports steps 0, 1, 2 (``solve(callback=)``); the
-number of steps is again chosen on validation. The test split is used only for the final table.
+curvature at its best s, a solve with 2 Newton refinement steps reports steps 0, 1, 2 (``solve(callback=)``);
+``--refine-runs CURVATURE:MODE ...`` picks which (curvature, refine_damping) pairs to refine instead, e.g.
+``hessian:step`` (Levenberg–Marquardt steps). The curvature, refinement mode and number of steps are chosen on
+validation among every refined run (the best mean recovery over RC and QM). The test split is used only for the
+final table.
 
 Recovery ratio = (unlearned − corrupted) / (retrained − corrupted), the retrained adapter trained from scratch on the
 edited data with the same recipe. Writes fidelity.json, fidelity.md and fidelity.png to --out.
@@ -102,7 +105,8 @@ def sweep_damping(sc: Scenario, curvature: str, scales: tuple[float, ...], krylo
             "seconds": seconds, "rules": rows}
 
 
-def refine(sc: Scenario, curvature: str, damping: float, steps: int, tol: float, seed: int) -> list[dict[str, Any]]:
+def refine(sc: Scenario, curvature: str, damping: float, steps: int, tol: float, seed: int,
+           mode: str = "proximal") -> list[dict[str, Any]]:
     """A CG solve with ``steps`` Newton refinement steps; every step's update scored (0 = the plain update)."""
     out: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -115,16 +119,20 @@ def refine(sc: Scenario, curvature: str, damping: float, steps: int, tol: float,
 
     res = sc.engine.solve(sc.edits, SolverConfig(method="cg", curvature=curvature, damping=damping, tol=tol,
                                                  max_steps=100, batch_size=128, seed=seed, refine_steps=steps,
-                                                 progress=False), callback=seen)
+                                                 refine_damping=mode, progress=False), callback=seen)
     for r, step in zip(out, res.info["refinement"]):
         r.update(step_size=step.get("step_size"), residual=step.get("residual"))
     rejected = [step for step in res.info["refinement"] if step.get("rejected")]
     if rejected and out:
         out[-1]["next_step_rejected_gap"] = rejected[0]["stationarity_gap"]
     for r in out:
-        _log(f"  {sc.task} {curvature} λ={damping:.3g} K={r['refine_steps']} gap={r['stationarity_gap']:.2f} "
+        _log(f"  {sc.task} {curvature} {mode} λ={damping:.3g} K={r['refine_steps']} gap={r['stationarity_gap']:.2f} "
              f"val={r['recovery_validation_acc']} test={r['recovery_test_acc']}")
     return out
+
+
+def _label(curvature: str, mode: str) -> str:
+    return curvature if mode == "proximal" else f"{curvature}, {mode}-damped"
 
 
 def _mean(xs: list[float | None]) -> float:
@@ -167,21 +175,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         score, i = max(scores)
         best[curv] = {"scale": args.scales[i], "validation_score": score}
     chosen_curv = max(best, key=lambda c: best[c]["validation_score"])
-    refine_curvs = args.refine_curvatures or [chosen_curv]
-    for curv in [c for c in args.curvatures if c in refine_curvs]:
+    runs = [tuple(r.split(":")) for r in args.refine_runs] if args.refine_runs else \
+        [(c, "proximal") for c in args.curvatures if c in (args.refine_curvatures or [chosen_curv])]
+    for curv, mode in runs:
+        label = _label(curv, mode)
         for t, sc in scenarios.items():
             lam = report["damping"][curv][t]["rules"][args.scales.index(best[curv]["scale"])]["damping"]
-            _log(f"refinement: {t} {curv} λ={lam:.3g}")
-            report["refinement"].setdefault(curv, {})[t] = refine(sc, curv, lam, args.refine, args.tol, args.seed)
-    ks = range(args.refine + 1)
-    k_scores = {k: _mean([report["refinement"][chosen_curv][t][k]["recovery_validation_acc"]
-                          for t in BAR_TASKS if t in scenarios and len(report["refinement"][chosen_curv][t]) > k])
-                for k in ks}
-    chosen_k = max(k_scores, key=lambda k: k_scores[k])
-    final = {t: report["refinement"][chosen_curv][t][min(chosen_k, len(report["refinement"][chosen_curv][t]) - 1)]
-             for t in scenarios}
+            _log(f"refinement: {t} {label} λ={lam:.3g}")
+            report["refinement"].setdefault(label, {})[t] = refine(sc, curv, lam, args.refine, args.tol, args.seed,
+                                                                   mode)
+    # choose (run, steps) on validation; a run whose refinement stopped early keeps its last step for larger k
+    k_scores = {label: {k: _mean([per[t][min(k, len(per[t]) - 1)]["recovery_validation_acc"]
+                                  for t in BAR_TASKS if t in per]) for k in range(args.refine + 1)}
+                for label, per in report["refinement"].items()}
+    chosen_label, chosen_k = max(((lb, k) for lb in k_scores for k in k_scores[lb]),
+                                 key=lambda lk: (k_scores[lk[0]][lk[1]], -lk[1]))
+    chosen_curv, chosen_mode = runs[[_label(*r) for r in runs].index(chosen_label)]
+    per = report["refinement"][chosen_label]
+    final = {t: per[t][min(chosen_k, len(per[t]) - 1)] for t in scenarios}
     report["chosen"] = {"curvature": chosen_curv, "scale": best[chosen_curv]["scale"], "refine_steps": chosen_k,
-                        "per_curvature": best, "refine_validation_scores": k_scores}
+                        "refine_damping": chosen_mode, "per_curvature": best,
+                        "refine_validation_scores": k_scores}
     report["final"] = final
     report["bars"] = {
         **{f"{t}_test_recovery_ge_0.8": (final[t]["recovery_test_acc"] or float("-inf")) >= 0.8
@@ -249,7 +263,8 @@ def markdown(rep: dict[str, Any]) -> str:
                              f"{_f(r['recovery_validation_acc'])} / {_f(r['recovery_test_acc'])} | "
                              f"{_f(r[loss_key])} | {r['seconds_so_far']:.0f} |")
     lines += ["", f"## Defaults chosen on validation: curvature **{c['curvature']}**, damping **auto, s = "
-              f"{c['scale']:g}**, refinement steps **{c['refine_steps']}**", "",
+              f"{c['scale']:g}**, refinement steps **{c['refine_steps']}**"
+              + (f" ({c['refine_damping']}-damped)" if c.get("refine_damping", "proximal") != "proximal" else ""), "",
               "| scenario | test acc (unlearned) | recovery of test-acc gap | edited/forget | bar |", "|---|---|---|---|---|"]
     for t, r in rep["final"].items():
         if t == "ir":
@@ -302,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(same settings; checked) and run only the refinement")
     p.add_argument("--refine-curvatures", nargs="*", default=None, choices=CURVATURES,
                    help="curvatures to refine (default: the one chosen on validation)")
+    p.add_argument("--refine-runs", nargs="+", default=None, metavar="CURVATURE:MODE",
+                   help="(curvature, refine_damping) pairs to refine, e.g. ggn:proximal hessian:step "
+                        "(default: --refine-curvatures with proximal damping)")
     p.add_argument("--refine", type=int, default=2, help="Newton refinement steps scored")
     p.add_argument("--tol", type=float, default=1e-2, help="CG tolerance of the refinement solves")
     args = p.parse_args(argv)

@@ -231,7 +231,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     tasks = ("rc", "qm", "ir") if a.task == "all" else (a.task,)
     cfg = DemoConfig(tasks=tasks, seed=a.seed, quick=a.quick, corruption=a.corruption, solver=a.solver,
                      curvature=a.curvature, damping=a.damping, damping_scale=a.damping_scale,
-                     refine_steps=a.refine_steps, progress=a.progress)
+                     refine_steps=a.refine_steps, refine_damping=a.refine_damping, progress=a.progress)
     report = run_demo(a.out, cfg)
     print(f"demo report written to {report['out']} ({report['seconds']:.0f} s)")
     return 0
@@ -283,6 +283,8 @@ COMMANDS = [
                  _optional_damping),
              Opt("--damping-scale", "the fraction of the top eigenvalue that --damping auto takes", 1e-2, float),
              Opt("--refine-steps", "Newton refinement steps after the influence update", 0, int),
+             Opt("--refine-damping", "λ in refinement: proximal or step (see `mmerase unlearn --help`)",
+                 "proximal", choices=("proximal", "step")),
              Opt("--quick", "reduced sizes (for tests)", False, boolean=True), PROGRESS], _cmd_demo),
 ]
 

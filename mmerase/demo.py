@@ -51,6 +51,7 @@ class DemoConfig:
     damping: float | str | None = None  # None: the demo's default below; 'auto': estimated from the curvature
     damping_scale: float = 1e-2
     refine_steps: int = 0
+    refine_damping: str = "proximal"
     progress: bool | None = None
     n_pretrain: int = 500
     n_train: int = 500
@@ -289,7 +290,7 @@ def demo_solver(cfg: DemoConfig) -> SolverConfig:
     """The solver settings every demo scenario uses."""
     return SolverConfig(method=cfg.solver, curvature=cfg.curvature, damping=cfg.solver_damping,
                         damping_scale=cfg.damping_scale, tol=cfg.tol, max_steps=100, batch_size=128, seed=cfg.seed,
-                        refine_steps=cfg.refine_steps, progress=cfg.progress)
+                        refine_steps=cfg.refine_steps, refine_damping=cfg.refine_damping, progress=cfg.progress)
 
 
 def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
@@ -352,7 +353,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{s['train']} training pairs, {s['edits']} corrupted ({100 * report['config']['corruption']:.0f}%), "
         f"{s['test']} held-out digits; base pre-trained on {s['pretrain']} other digits. "
         f"Solver: {report['solver']['method']}, curvature {report['solver']['curvature']}, "
-        f"damping {_damping_text(report['solver'])}, refinement steps {report['solver']['refine_steps']}.", "",
+        f"damping {_damping_text(report['solver'])}, refinement steps {report['solver']['refine_steps']}"
+        + (f" ({report['solver'].get('refine_damping')}-damped)" if report['solver']['refine_steps'] else "") + ".", "",
     ]
     for task, sc in report["scenarios"].items():
         rows = sc["rows"]

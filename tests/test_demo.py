@@ -8,7 +8,8 @@ from mmerase.cli import main
 
 def test_quick_demo_writes_its_report_and_recovers(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--quick", "--task", "rc", "--out", out, "--damping", "0.1", "--no-progress"])
+    code = main(["demo", "--quick", "--task", "rc", "--out", out, "--damping", "0.1",
+                 "--curvature", "ggn", "--refine-steps", "0", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     for name in ("report.md", "report.json", "report.png", "data/train_rc.json", "data/edits_rc.jsonl",
                  "adapters/corrupted-labels/adapter_model.safetensors",
@@ -30,7 +31,8 @@ def test_quick_demo_writes_its_report_and_recovers(tmp_path, capsys):
 
 def test_quick_demo_removal_raises_the_forgotten_samples_loss(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--task", "ir", "--out", out, "--damping", "0.1", "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--task", "ir", "--out", out, "--damping", "0.1",
+                 "--curvature", "ggn", "--refine-steps", "0", "--no-progress"]) == 0
     ir = json.loads((out / "report.json").read_text())["scenarios"]["ir"]
     rows = ir["rows"]
     assert rows["retrained"]["forget_loss"] > rows["corrupted"]["forget_loss"]

@@ -61,7 +61,9 @@ class SolverConfig:
                  objective, so refinement converges to the damped update's exact version and stays near θ̂.
                  'step': only each Newton step is damped (Levenberg–Marquardt), so refinement converges to a
                  stationary point of the undamped corrected objective, the retrained adapter's if the loss is
-                 locally convex there; it may walk far along flat directions where it is not.
+                 locally convex there; it may walk far along flat directions where it is not. Every step must
+                 lower the objective (line search), but a step that raises the gap is kept (on a non-convex
+                 loss the gap is not monotone along descent); the record has each step's gap.
     stationarity_check: compute the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes).
     progress:    show a progress bar (None: only on a terminal).
     """

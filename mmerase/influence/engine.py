@@ -329,7 +329,9 @@ class InfluenceEngine:
         steps use R̃_E's own curvature, H + (1/n) Σ_E [C(z_new) − C(z_old)] (products over the few edited samples
         added), so removals converge quadratically too; each step is line-searched on R̃_E, and a step that raises
         the stationarity gap (a curvature that misreads R̃_E, e.g. GGN where the Hessian is indefinite) is undone
-        and ends the refinement (``info['refinement']`` marks it ``rejected``).
+        and ends the refinement (``info['refinement']`` marks it ``rejected``). With
+        ``config.refine_damping='step'`` λ damps each step instead (no proximal term; steps that raise the gap but
+        lower R̃_E are kept), converging to R̃_E's own stationary point.
         ``result.info['stationarity_gap']`` = ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit.
 
         ``callback(newton_step, delta, record)`` sees the update after each Newton step (1: the plain influence
@@ -401,7 +403,8 @@ class InfluenceEngine:
                     if config.damping and config.refine_damping == "proximal":  # a term (λ/2)‖θ − θ̂‖²
                         grad = V.axpy(config.damping, x, grad)
                     gap = V.norm(grad) / b_norm
-                    if before is not None and gap > refinement[-1]["stationarity_gap"]:
+                    if before is not None and gap > refinement[-1]["stationarity_gap"] and \
+                            config.refine_damping == "proximal":
                         # the step lowered R̃_E yet moved away from its stationary point (a curvature that misreads
                         # R̃_E, e.g. GGN where the Hessian is indefinite): undo it and stop
                         refinement.append({"newton_step": k + 1, "stationarity_gap": gap, "rejected": True})
