@@ -47,11 +47,11 @@ class DemoConfig:
     quick: bool = False
     corruption: float = 0.2
     solver: str = "cg"
-    curvature: str = "ggn"
+    curvature: str = "hessian"
     damping: float | str | None = None  # None: the demo's default below; 'auto': estimated from the curvature
     damping_scale: float = 1e-2
-    refine_steps: int = 0
-    refine_damping: str = "proximal"
+    refine_steps: int = 10
+    refine_damping: str = "step"
     progress: bool | None = None
     n_pretrain: int = 500
     n_train: int = 500

@@ -38,3 +38,30 @@ def test_quick_demo_removal_raises_the_forgotten_samples_loss(tmp_path):
     assert rows["retrained"]["forget_loss"] > rows["corrupted"]["forget_loss"]
     assert rows["mmerase"]["forget_loss"] > rows["corrupted"]["forget_loss"]
     assert ir["recovery_forget_loss"] > 0.2
+
+
+def test_demo_defaults_are_the_ones_chosen_on_validation():
+    """DemoConfig, `mmerase demo`'s options and configs/demo.yaml carry the settings benchmarks/fidelity.py chose on
+    the validation split, and the demo's damping rule gives the λ that was validated for every scenario."""
+    from pathlib import Path
+
+    from mmerase.cli import COMMANDS, _config_defaults
+    from mmerase.demo import DemoConfig
+    from mmerase.influence.damping import damping_rule
+
+    root = Path(__file__).resolve().parents[1]
+    rep = json.loads((root / "benchmarks" / "fidelity.json").read_text())
+    chosen, cfg = rep["chosen"], DemoConfig()
+    assert (cfg.curvature, cfg.refine_steps, cfg.refine_damping, cfg.damping) == \
+        (chosen["curvature"], chosen["refine_steps"], chosen.get("refine_damping", "proximal"), None)
+    scale_index = rep["config"]["scales"].index(chosen["scale"])
+    for t, sweep in rep["damping"][cfg.curvature].items():
+        lam, _ = damping_rule(cfg.damping_scale, sweep["top_eigenvalue"], sweep["bottom_ritz_value"])
+        assert abs(lam - sweep["rules"][scale_index]["damping"]) < 1e-9 * lam, t
+    demo = next(c for c in COMMANDS if c.name == "demo")
+    yaml_values = _config_defaults(str(root / "configs" / "demo.yaml"), demo)
+    for opt in demo.opts:
+        if hasattr(cfg, opt.dest) and opt.dest != "damping":
+            assert opt.default == getattr(cfg, opt.dest), opt.flag
+            if opt.dest in yaml_values:
+                assert yaml_values[opt.dest] == getattr(cfg, opt.dest), opt.flag
