@@ -175,10 +175,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         score, i = max(scores)
         best[curv] = {"scale": args.scales[i], "validation_score": score}
     chosen_curv = max(best, key=lambda c: best[c]["validation_score"])
-    runs = [tuple(r.split(":")) for r in args.refine_runs] if args.refine_runs else \
+    pairs = [tuple(r.split(":")) for r in args.refine_runs] if args.refine_runs else \
         [(c, "proximal") for c in args.curvatures if c in (args.refine_curvatures or [chosen_curv])]
-    for curv, mode in runs:
-        label = _label(curv, mode)
+    runs = {_label(curv, mode): (curv, mode) for curv, mode in pairs}
+    for label, (curv, mode) in runs.items():
         for t, sc in scenarios.items():
             lam = report["damping"][curv][t]["rules"][args.scales.index(best[curv]["scale"])]["damping"]
             _log(f"refinement: {t} {label} λ={lam:.3g}")
@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for label, per in report["refinement"].items()}
     chosen_label, chosen_k = max(((lb, k) for lb in k_scores for k in k_scores[lb]),
                                  key=lambda lk: (k_scores[lk[0]][lk[1]], -lk[1]))
-    chosen_curv, chosen_mode = runs[[_label(*r) for r in runs].index(chosen_label)]
+    chosen_curv, chosen_mode = runs[chosen_label]
     per = report["refinement"][chosen_label]
     final = {t: per[t][min(chosen_k, len(per[t]) - 1)] for t in scenarios}
     report["chosen"] = {"curvature": chosen_curv, "scale": best[chosen_curv]["scale"], "refine_steps": chosen_k,

@@ -478,13 +478,17 @@ def test_refinement_zero_steps_is_the_plain_update(logreg):
     assert checked.info["refinement"][0]["newton_step"] == 1
 
 
-def test_two_refinement_steps_reach_exact_retraining_for_a_5pct_label_flip(logreg):
+def _label_flip_5pct(logreg):
+    """Every 20th label flipped: (model, engine, edits, exact retraining's δ)."""
     model, data = logreg
-    flip = list(range(0, 600, 20))  # 5%
+    flip = list(range(0, 600, 20))
     edited = [(s[0], 1 - s[1]) if i in flip else s for i, s in enumerate(data)]
-    ref = _retrain_delta(model, edited)
     eng = InfluenceEngine(model, logreg_loss, data)
-    edits = [Edit(old=data[i], new=edited[i]) for i in flip]
+    return model, eng, [Edit(old=data[i], new=edited[i]) for i in flip], _retrain_delta(model, edited)
+
+
+def test_two_refinement_steps_reach_exact_retraining_for_a_5pct_label_flip(logreg):
+    model, eng, edits, ref = _label_flip_5pct(logreg)
     seen = []
     res = eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=2, batch_size=200),
                     callback=lambda k, delta, rec: seen.append((k, delta, rec["stationarity_gap"])))
@@ -535,12 +539,7 @@ def test_refinement_uses_the_edited_curvature_so_removals_converge_too(logreg):
 def test_step_damped_refinement_reaches_retraining_where_proximal_damping_holds_back(logreg):
     """With λ large against the curvature, proximal refinement converges to the damped objective's minimiser (a
     fixed distance from retraining); step damping (Levenberg–Marquardt) converges to the retrained optimum."""
-    model, data = logreg
-    flip = list(range(0, 600, 20))  # 5%
-    edited = [(s[0], 1 - s[1]) if i in flip else s for i, s in enumerate(data)]
-    ref = _retrain_delta(model, edited)
-    eng = InfluenceEngine(model, logreg_loss, data)
-    edits = [Edit(old=data[i], new=edited[i]) for i in flip]
+    _, eng, edits, ref = _label_flip_5pct(logreg)
     errors = {}
     for mode in ("proximal", "step"):
         seen = []

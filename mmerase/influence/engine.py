@@ -388,6 +388,7 @@ class InfluenceEngine:
             refinement: list[dict[str, Any]] = []
             before: tuple[V.Vec, Any, SolverConfig] | None = None  # (x, out, config) before the last Newton step
             edit_samples = 2 * len(edits)
+            proximal = config.refine_damping == "proximal"  # λ a term of R̃_E, not only of each step
 
             def edit_curvature(v: V.Vec) -> V.Vec:  # R̃_E's Hessian is H + the edits' own curvature
                 nonlocal samples
@@ -400,11 +401,10 @@ class InfluenceEngine:
                     self.set_parameters(saved, x)
                     grad = V.sub(V.sub(self.mean_gradient(curv_idx, config.batch_size), g_hat),
                                  self.edit_gradient(edits, config.batch_size))  # ∇R̃_E(θ̂ + x)
-                    if config.damping and config.refine_damping == "proximal":  # a term (λ/2)‖θ − θ̂‖²
+                    if config.damping and proximal:  # a term (λ/2)‖θ − θ̂‖²
                         grad = V.axpy(config.damping, x, grad)
                     gap = V.norm(grad) / b_norm
-                    if before is not None and gap > refinement[-1]["stationarity_gap"] and \
-                            config.refine_damping == "proximal":
+                    if proximal and before is not None and gap > refinement[-1]["stationarity_gap"]:
                         # the step lowered R̃_E yet moved away from its stationary point (a curvature that misreads
                         # R̃_E, e.g. GGN where the Hessian is indefinite): undo it and stop
                         refinement.append({"newton_step": k + 1, "stationarity_gap": gap, "rejected": True})
