@@ -36,7 +36,7 @@ from mmerase.editfile import parse_edits
 from mmerase.data import load_dataset
 from mmerase.influence import vectors as V
 from mmerase.influence.damping import damping_rule
-from mmerase.influence.precondition import lanczos, shifted_solutions
+from mmerase.influence.lanczos import lanczos, shifted_solutions
 from mmerase.models import LoadOptions, load_model
 from mmerase.record import machine, versions
 
@@ -86,7 +86,7 @@ def sweep_damping(sc: Scenario, curvature: str, scales: tuple[float, ...], krylo
     eng = sc.engine
     t0 = time.perf_counter()
     b = eng.edit_gradient(sc.edits, 128)
-    with eng._inference_mode():  # products as a solve runs them
+    with eng.inference_mode():  # products as a solve runs them
         values, ritz, _, lz = lanczos(lambda v: eng.product(v, curvature, None, 128), eng.params, krylov, start=b)
     # the extreme Ritz values of this run stand in for the library's estimate (20 steps from a random start):
     # extreme eigenvalues converge first from any start, and this saves 20 products per curvature and scenario

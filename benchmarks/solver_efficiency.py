@@ -44,7 +44,7 @@ import torch
 from mmerase import InfluenceEngine, SolverConfig
 from mmerase.influence import vectors as V
 from mmerase.influence.curvature import make_curvature
-from mmerase.influence.solvers import SOLVERS
+from mmerase.influence.registry import SOLVERS
 from mmerase.models import LoadOptions, load_model
 from mmerase.record import machine, versions
 

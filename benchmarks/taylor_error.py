@@ -330,7 +330,7 @@ class LlavaScenario:
 def curvature_check(engine: InfluenceEngine, steps: int, batch_size: int) -> dict[str, Any]:
     """Extreme Ritz values of the exact Hessian and of the GGN of R at θ̂ (Lanczos, ``steps`` products each).
     The smallest Hessian Ritz value bounds λ_min(H) from above: below −λ, R̃_E + (λ/2)‖θ−θ̂‖² is not convex at θ̂."""
-    from mmerase.influence.precondition import lanczos
+    from mmerase.influence.lanczos import lanczos
 
     out: dict[str, Any] = {"steps": steps}
     for curv in ("hessian", "ggn"):

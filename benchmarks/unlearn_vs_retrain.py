@@ -243,8 +243,6 @@ class Bench:
                 prep = self.preparation(task, n, rate, curvature_samples)
                 cfg = sub if role == "pcg" else dataclasses.replace(sub, method="prepared", residual_samples=16,
                                                                     stationarity_check=False)
-                if cfg.auto_damping:  # as `unlearn --prepared` does: 'auto' means the preparation's λ
-                    cfg = dataclasses.replace(cfg, damping=prep["prep"].damping)
                 with PeakMemory() as mem:
                     t = time.perf_counter()
                     res = prep["engine"].solve(edits, cfg, preconditioner=prep["prep"].preconditioner)

@@ -1,7 +1,32 @@
 """mmerase: make a fine-tuned (vision-)language model forget or correct training samples via influence functions
-on its PEFT adapter."""
+on its PEFT adapter.
 
-from .influence import Edit, InfluenceEngine, SolverConfig, SolveResult, Task
+The package namespace is lazy: ``import mmerase`` (or a torch-free submodule such as :mod:`mmerase.options`) does
+not import torch; ``mmerase.InfluenceEngine`` and the other names below load the engine on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
 
 __all__ = ["Edit", "InfluenceEngine", "SolveResult", "SolverConfig", "Task"]
 __version__ = "0.1.0"
+
+
+class _DropKnownNoise(logging.Filter):
+    """bitsandbytes announces at import time that an optional CPU kernel package is missing; its fallback works,
+    so the line only alarms users (it appears whenever peft is imported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKnownNoise())
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module(".influence", __name__), name)
+    raise AttributeError(f"module 'mmerase' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Training data in the LLaVA conversation format (DESIGN.md §3).
+"""Training data in the LLaVA conversation format.
 
 A dataset is a JSON list or a JSONL file of records::
 

@@ -19,9 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from .data import DIGIT_WORDS, Sample, digit_images, digit_samples, load_dataset
 from .influence import SolverConfig
 from .models import LoadOptions, LoraSettings, load_model
 from .models.presets import build_preset
+from .options import option
 from .record import atomic_output_dir, machine, versions, write_json
 from .training import TrainConfig, finetune, train
 from .workflows import run_unlearn
@@ -38,26 +38,40 @@ from .workflows import run_unlearn
 TASK_NAMES = {"rc": "response correction", "qm": "query (image) modification", "ir": "instance removal"}
 
 
+#: the solver settings of every demo scenario, chosen on the validation split (benchmarks/README.md, fidelity)
+DEMO_SOLVER = {"curvature": "hessian", "damping": "auto", "damping_scale": 1e-2, "tol": 1e-2, "max_steps": 100,
+               "batch_size": 128, "refine_steps": 10, "refine_damping": "step"}
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    """'all', one scenario, or a comma-separated list of scenarios."""
+    names = tuple(TASK_NAMES) if text == "all" else tuple(t.strip() for t in str(text).split(",") if t.strip())
+    bad = [t for t in names if t not in TASK_NAMES]
+    if bad or not names:
+        raise ValueError(text)
+    return names
+
+
+parse_tasks.__name__ = "scenario (rc, qm, ir, all, or a comma-separated list)"
+
+
 @dataclass
 class DemoConfig:
-    """Sizes and recipes of the demo; ``quick`` shrinks everything for tests."""
+    """Sizes and recipes of the demo; ``quick`` shrinks everything for tests. ``solver`` is what every scenario's
+    unlearning runs with (:data:`DEMO_SOLVER` unless given); its seed is the demo's."""
 
-    tasks: tuple[str, ...] = ("rc", "qm", "ir")
-    seed: int = 0
-    quick: bool = False
-    corruption: float = 0.2
-    solver: str = "cg"
-    curvature: str = "hessian"
-    damping: float | str | None = None  # None: the demo's default below; 'auto': estimated from the curvature
-    damping_scale: float = 1e-2
-    refine_steps: int = 10
-    refine_damping: str = "step"
-    progress: bool | None = None
+    tasks: tuple[str, ...] = option(tuple(TASK_NAMES), flag="--task", parse=parse_tasks, help=(
+        "scenario: rc (correct answers), qm (replace images), ir (remove), all, or a comma-separated list"))
+    seed: int = option(0, help="seed of the data split, corruption, training and solver")
+    quick: bool = option(False, help="reduced sizes (for tests)")
+    corruption: float = option(0.2, help="fraction of training pairs corrupted")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(**DEMO_SOLVER))
     n_pretrain: int = 500
     n_train: int = 500
     n_test: int = 400
     n_validation: int = 400  # at most; from the digits after the three splits (397 at the default sizes)
-    tol: float = 1e-2
     pretrain_epochs: int = 5
     pretrain_lr: float = 1e-3
     epochs: int = 6
@@ -75,12 +89,18 @@ class DemoConfig:
         if self.quick:
             self.n_pretrain, self.n_train, self.n_test, self.n_validation = 300, 120, 100, 100
             self.pretrain_epochs, self.epochs = 5, 4
+        self.solver = dataclasses.replace(self.solver, seed=self.seed, progress=self.progress)
 
-    @property
-    def solver_damping(self) -> float | str:
-        """'auto' unless set: λ = damping_scale × the curvature's top eigenvalue, the scale chosen on the validation
-        split by benchmarks/fidelity.py."""
-        return "auto" if self.damping is None else self.damping
+    def load_options(self) -> LoadOptions:
+        """How the demo loads every model (its device; float32)."""
+        return LoadOptions(device=self.device)
+
+
+@dataclass
+class DemoFiles:
+    """Where `mmerase demo` writes."""
+
+    out: str = option("mmerase-demo", help="output folder for report.md, report.json and plots (must not exist)")
 
 
 def _split(cfg: DemoConfig) -> tuple[list[int], list[int], list[int]]:
@@ -97,7 +117,7 @@ def _split(cfg: DemoConfig) -> tuple[list[int], list[int], list[int]]:
 def _pretrain_base(folder: Path, pretrain: list[Sample], cfg: DemoConfig) -> Path:
     """Build the tiny-llava preset and train all its weights on the pre-training split (base competence)."""
     preset = build_preset("tiny-llava", folder, seed=cfg.seed)
-    bundle = load_model(preset, lora=LoraSettings(r=1), options=LoadOptions(device="cpu"))
+    bundle = load_model(preset, lora=LoraSettings(r=1), options=cfg.load_options())
     base = bundle.model.get_base_model()
     for name, p in base.named_parameters():  # all base weights train; the zero-effect LoRA stays frozen
         p.requires_grad_("lora_" not in name)
@@ -111,7 +131,7 @@ def _pretrain_base(folder: Path, pretrain: list[Sample], cfg: DemoConfig) -> Pat
 
 def _train_adapter(base: Path, samples: list[Sample], out: Path, cfg: DemoConfig) -> float:
     bundle = load_model(base, lora=LoraSettings(r=cfg.lora_r, alpha=2.0 * cfg.lora_r, seed=cfg.seed),
-                        options=LoadOptions(device="cpu"))
+                        options=cfg.load_options())
     res = finetune(bundle, samples, TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                                 schedule="cosine", seed=cfg.seed, progress=cfg.progress), out)
     return res.seconds
@@ -120,7 +140,7 @@ def _train_adapter(base: Path, samples: list[Sample], out: Path, cfg: DemoConfig
 def evaluate_adapter(base: Path, adapter: Path, sets: dict[str, tuple[list[Sample], list[int]]], cfg: DemoConfig
                      ) -> dict[str, float]:
     """Accuracy of greedy answers and mean loss L(z) on each named sample set, for an adapter on disk."""
-    return evaluate_bundle(load_model(base, adapter=adapter, options=LoadOptions(device="cpu")), sets, cfg.progress)
+    return evaluate_bundle(load_model(base, adapter=adapter, options=cfg.load_options()), sets, cfg.progress)
 
 
 def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int]]], progress: bool | None = None
@@ -288,9 +308,7 @@ def _validation_split(cfg: DemoConfig) -> list[int]:
 
 def demo_solver(cfg: DemoConfig) -> SolverConfig:
     """The solver settings every demo scenario uses."""
-    return SolverConfig(method=cfg.solver, curvature=cfg.curvature, damping=cfg.solver_damping,
-                        damping_scale=cfg.damping_scale, tol=cfg.tol, max_steps=100, batch_size=128, seed=cfg.seed,
-                        refine_steps=cfg.refine_steps, refine_damping=cfg.refine_damping, progress=cfg.progress)
+    return cfg.solver
 
 
 def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
@@ -300,7 +318,7 @@ def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
     for task in cfg.tasks:
         outcome = run_unlearn(str(sc_files.base), sc_files.corrupted(task), sc_files.train_file(task),
                               sc_files.edits_file(task), sc_files.adapters / f"unlearned-{task}", solver=solver,
-                              options=LoadOptions(device="cpu", exact_hvp=cfg.curvature in ("hessian", "ggn")))
+                              options=cfg.load_options())
         sets = sc_files.eval_sets(task)
         rows = {role: evaluate_adapter(sc_files.base, path, sets, cfg) for role, path in
                 (("corrupted", sc_files.corrupted(task)), ("retrained", sc_files.retrained(task)),

@@ -1,4 +1,4 @@
-"""The edits file (DESIGN.md §3): one JSON object per line, turned into engine :class:`Edit` objects.
+"""The edits file: one JSON object per line, turned into engine :class:`Edit` objects.
 
     {"op": "remove", "id": "17"}
     {"op": "modify", "id": "17", "image": "fixed/17.png", "query": "<image>\\nWhat is shown?"}

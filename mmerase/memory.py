@@ -96,7 +96,7 @@ def gib(n_bytes: int | float) -> float:
 __all__ = ["PeakMemory", "gib"]
 
 
-def engine_memory_report(engine: Any, config: Any, seed: int = 0) -> dict[str, Any]:
+def engine_memory_report(engine: Any, plan: Any, seed: int = 0) -> dict[str, Any]:
     """Peak memory and time of one training step and of one curvature product, on the first ``config.batch_size``
     training samples, for the run record (the whole solve is measured by the caller around ``engine.solve``).
 
@@ -105,8 +105,7 @@ def engine_memory_report(engine: Any, config: Any, seed: int = 0) -> dict[str, A
     samples with the solve's curvature, split over the ranks as the solve splits it. Every rank must call this
     (products are collective).
     """
-    from .influence import make_curvature
-
+    config = plan.config  # a resolved SolvePlan: the solve's own curvature object
     idx = list(range(min(config.batch_size, engine.n)))
     modes = [(m, m.training) for m in engine.model.modules()]
     engine.model.train()
@@ -120,7 +119,6 @@ def engine_memory_report(engine: Any, config: Any, seed: int = 0) -> dict[str, A
             m.training = t
     g = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) for p in engine.params]
-    curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp, seed=config.seed)
     with PeakMemory(engine.device) as product:
-        engine.product(v, curv, indices=idx, batch_size=config.batch_size)
+        engine.product(v, plan.curvature, indices=idx, batch_size=config.batch_size)
     return {"batch_samples": len(idx), "train_step": step.result, "product": product.result}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .influence import InfluenceEngine, InfluenceError, SolverConfig
+from .influence.plan import SolvePlan, resolve
 from .influence.precondition import (Preconditioner, PreconditionerConfig, build_preconditioner,
                                      preconditioner_from_state)
 from .record import atomic_output_dir, machine, sha256_dir, sha256_file, versions, write_json
@@ -52,19 +53,20 @@ class Preparation:
         return str(self.record["curvature"])
 
 
-def prepare(engine: InfluenceEngine, solver: SolverConfig, config: PreconditionerConfig | None = None, *,
-            adapter_sha256: str | None = None, data_sha256: str | None = None,
+def prepare(engine: InfluenceEngine, solver: SolverConfig | SolvePlan, config: PreconditionerConfig | None = None,
+            *, adapter_sha256: str | None = None, data_sha256: str | None = None,
             extra: dict[str, Any] | None = None) -> Preparation:
-    """Build a preparation for ``engine`` at its current parameters, for ``solver.curvature`` and
-    ``solver.damping`` (damping='auto' is estimated here and the value stored; later 'auto' requests reuse it).
+    """Build a preparation for ``engine`` at its current parameters, for the solver's curvature and damping
+    (damping='auto' is estimated here and the value stored; later 'auto' requests reuse it).
     The hashes identify the adapter and data it is made for (``None``: unchecked later)."""
+    plan = solver if isinstance(solver, SolvePlan) else resolve(solver)
+    solver = plan.config
     config = config or PreconditionerConfig(batch_size=solver.batch_size, seed=solver.seed, progress=solver.progress)
-    solver, damping_info = engine.resolve_damping(solver)
-    pre = build_preconditioner(engine, solver.curvature, solver.damping, config, fd_eps=solver.fd_eps,
-                               ggn_jvp=solver.ggn_jvp, curvature_seed=solver.seed)
+    damping, damping_info = engine.damping_for(plan)
+    pre = build_preconditioner(engine, plan.curvature, damping, config)
     record = {
         "format": FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "kind": pre.kind, "curvature": solver.curvature, "damping": solver.damping,
+        "kind": pre.kind, "curvature": solver.curvature, "damping": damping,
         "adapter": {"sha256": adapter_sha256}, "data": {"sha256": data_sha256, "n": engine.n},
         "preconditioner": pre.info(), "build": {k: v for k, v in pre.meta.items() if k != "config"},
         "config": config.to_dict(), "versions": versions(), "machine": machine(),

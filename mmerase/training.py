@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mmerase.generation import progress_enabled
+from mmerase.options import option
 
 
 @dataclass
@@ -31,18 +32,19 @@ class TrainConfig:
     whose influence update is exactly (H + l2·I)δ = b, i.e. damping λ = l2 is the training's own regulariser.
     """
 
-    epochs: int = 3
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    l2: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    schedule: str = "constant"
-    warmup_steps: int = 0
-    seed: int = 0
-    shuffle: bool = True
-    progress: bool | None = None
+    epochs: int = option(3, help="passes over the data")
+    batch_size: int = option(8, help="samples per step")
+    lr: float = option(1e-3, help="AdamW learning rate")
+    weight_decay: float = option(0.0, help="AdamW (decoupled) weight decay")
+    l2: float = option(0.0, help="add (l2/2)‖θ‖² to the loss: trained to convergence, the influence update with "
+                       "damping λ = l2 is then exact for this objective")
+    betas: tuple[float, float] = option((0.9, 0.999), cli=False, help="AdamW betas")
+    max_grad_norm: float | None = option(1.0, help="clip the gradient norm to this (none: no clipping)")
+    schedule: str = option("constant", choices=("constant", "linear", "cosine"), help="learning-rate schedule")
+    warmup_steps: int = option(0, help="linear warm-up steps before the schedule")
+    seed: int = option(0, help="seed of the data order (and dropout)")
+    shuffle: bool = option(True, help="reshuffle the data every epoch")
+    progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
 
 
 @dataclass

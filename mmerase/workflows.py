@@ -5,6 +5,7 @@ The CLI only parses options into these calls; projects can call them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -19,13 +20,66 @@ from .editfile import parse_edits
 from .prepare import Preparation, PreconditionerConfig, open_preparation, prepare, save_preparation
 from .influence import InfluenceEngine, SolverConfig, SolveResult
 from .influence.distributed import world
+from .influence.plan import resolve
 from .memory import PeakMemory, engine_memory_report
 from .models import LoadOptions, LoraSettings, load_model
+from .options import option
 from .record import (OutputExistsError, atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file,
                      versions, write_json)
 from .training import TrainConfig, finetune
 
 RECORD_NAME = "mmerase_record.json"
+
+BASE_HELP = "base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama)"
+
+
+@dataclass
+class FinetuneFiles:
+    """What `mmerase finetune` reads and writes."""
+
+    base: str = option(None, required=True, help=BASE_HELP)
+    data: str = option(None, required=True, help="training data (LLaVA-format JSON or JSONL)")
+    out: str = option(None, required=True, help="new adapter folder (must not exist)")
+
+
+@dataclass
+class UnlearnFiles:
+    """What `mmerase unlearn` reads and writes."""
+
+    base: str = option(None, required=True, help=BASE_HELP)
+    adapter: str = option(None, required=True, help="the trained peft adapter folder (only read)")
+    data: str = option(None, required=True, help="the training data the adapter was trained on")
+    edits: str = option(None, required=True, help="edits file (JSONL: remove / modify / correct / add)")
+    out: str = option(None, required=True, help="new adapter folder (must not exist)")
+    prepared: str | None = option(None, help=(
+        "preparation folder from `mmerase prepare` for this adapter (or one it descends from), data, curvature and "
+        "damping: preconditions the solve (same answer, fewer products)"))
+    deepspeed: str | None = option(None, help=(
+        "DeepSpeed ZeRO-3 config (JSON): partition the frozen base across the ranks of a torchrun/deepspeed launch "
+        "(first-order curvatures: fd-hessian, ggn with --ggn-jvp fd, fisher, sampled-fisher)"))
+
+
+@dataclass
+class PrepareFiles:
+    """What `mmerase prepare` reads and writes."""
+
+    base: str = option(None, required=True, help=BASE_HELP)
+    adapter: str = option(None, required=True, help="the trained peft adapter folder (only read)")
+    data: str = option(None, required=True, help="the training data the adapter was trained on")
+    out: str = option(None, required=True, help="new preparation folder (must not exist)")
+
+
+@dataclass
+class GenerateFiles:
+    """What `mmerase generate` reads and writes, and how it answers."""
+
+    base: str = option(None, required=True, help=BASE_HELP)
+    adapter: str | None = option(None, help="peft adapter folder (default: the base alone)")
+    data: str = option(None, required=True, help="questions (LLaVA-format JSON or JSONL)")
+    out: str = option(None, required=True, help="answers file (JSONL; must not exist)")
+    batch_size: int = option(8, help="prompts per batch")
+    max_new_tokens: int = option(16, help="answer length limit")
+    progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
 
 
 def _now() -> str:
@@ -108,22 +162,25 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
     previous = read_record(adapter)
     preparation, prep_notes = open_preparation(prepared, adapter=adapter, data=data, solver=solver,
                                                adapter_record=previous) if prepared else (None, [])
-    if preparation is not None and solver.auto_damping:  # the engine takes the preconditioner's λ for 'auto'
-        prep_notes.append(f"damping 'auto' uses the preparation's λ = {preparation.damping:g}")
-    bundle = load_model(base, adapter=adapter, options=options)
+    plan = resolve(solver, preparation_damping=preparation.damping if preparation else None,
+                   zero3=deepspeed_config is not None)
+    if plan.damping_source == "preparation":
+        prep_notes.append(f"damping 'auto' uses the preparation's λ = {plan.damping:g}")
+    bundle = load_model(base, adapter=adapter, options=dataclasses.replace(
+        options, exact_hvp=plan.needs_double_backward))
     t_load = time.perf_counter() - t0
     model, distributed = bundle.model, {"world_size": world()[1], "zero3": None}
     if deepspeed_config is not None:
-        _check_uniform_modality(train, [r.edit for r in requests], data)
+        check_uniform_modality(train, [r.edit for r in requests], data)
         zero = zero3_wrap(bundle.model, deepspeed_config)
         model = zero.module
         distributed["zero3"] = {"config": str(deepspeed_config), "zero_optimization": zero.config["zero_optimization"]}
     cache = bundle.feature_cache() if cache_features and deepspeed_config is None else None
     engine = InfluenceEngine(model, bundle.loss_fn if cache is None else cache.loss_fn, train,
                              collate_fn=bundle.collate if cache is None else cache.collate)
-    memory = engine_memory_report(engine, solver) if memory_report else {}
+    memory = engine_memory_report(engine, plan) if memory_report else {}
     with PeakMemory(engine.device) as solve_memory:
-        result = engine.solve([r.edit for r in requests], solver,
+        result = engine.solve([r.edit for r in requests], plan,
                               preconditioner=preparation.preconditioner if preparation else None)
     memory["solve"] = solve_memory.result
     engine.apply(result.delta)
@@ -136,7 +193,8 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
         "command": "unlearn", "created": request["created"], "base": base,
         "adapter": {"path": str(adapter), "sha256": adapter_sha},
         "data": _file_info(data, len(train)), "edits": request["edits"], "ops": request["ops"],
-        "solver": solver.to_dict(), "result": result.summary(), "load": asdict(options),
+        "solver": plan.config.to_dict(), "plan": plan.describe(), "result": result.summary(),
+        "load": asdict(bundle.options),
         "damping": {"requested": solver.damping, "used": result.config.get("damping", solver.damping),
                     "estimate": result.info.get("damping")},
         "timings": {"load_s": t_load, "solve_s": t_solve},
@@ -166,20 +224,23 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
     _refuse_existing(out)
     t0 = time.perf_counter()
     train = load_dataset(data)
-    bundle = load_model(base, adapter=adapter, options=options)
+    plan = resolve(solver)
+    bundle = load_model(base, adapter=adapter, options=dataclasses.replace(
+        options, exact_hvp=plan.needs_double_backward))
     t_load = time.perf_counter() - t0
     cache = bundle.feature_cache() if cache_features else None
     engine = InfluenceEngine(bundle.model, bundle.loss_fn if cache is None else cache.loss_fn, train,
                              collate_fn=bundle.collate if cache is None else cache.collate)
-    prep = prepare(engine, solver, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
+    prep = prepare(engine, plan, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
                    extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
-                          "data": {"path": str(data)}, "solver": solver.to_dict(), "load": asdict(options)})
+                          "data": {"path": str(data)}, "solver": plan.config.to_dict(),
+                          "load": asdict(bundle.options)})
     prep.record["timings"] = {"load_s": t_load, "prepare_s": time.perf_counter() - t0 - t_load}
     save_preparation(prep, out)
     return prep
 
 
-def _check_uniform_modality(train: list, edits: list, data: str | Path) -> None:
+def check_uniform_modality(train: list, edits: list, data: str | Path) -> None:
     """ZeRO-3 gathers each layer collectively, so every rank must run the same modules on every pass: a set that
     mixes image and text-only samples would hang the ranks instead of failing. Refuse it up front."""
     samples = list(train) + [s for e in edits for s in (e.old, e.new) if s is not None]
@@ -192,14 +253,14 @@ def _check_uniform_modality(train: list, edits: list, data: str | Path) -> None:
 
 
 def run_generate(base: str, adapter: str | Path | None, data: str | Path, out: str | Path, *, options: LoadOptions,
-                 batch_size: int = 8, max_new_tokens: int = 16) -> dict[str, Any]:
+                 batch_size: int = 8, max_new_tokens: int = 16, progress: bool | None = None) -> dict[str, Any]:
     """Greedy answers for every record of ``data`` (LLaVA format; the last user turn is asked) → JSONL ``out``."""
     if Path(out).exists():
         raise OutputExistsError(f"output file {out} already exists; choose another --out or remove it")
     t0 = time.perf_counter()
     samples = load_dataset(data)
     bundle = load_model(base, adapter=adapter, options=options)
-    answers = bundle.generate(samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = bundle.generate(samples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     with atomic_output_file(out) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for s, a in zip(samples, answers):

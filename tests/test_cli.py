@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import peft
 import torch
 from safetensors.torch import load_file
 
@@ -78,7 +79,7 @@ def test_unlearn_writes_a_new_adapter_and_a_run_record(text_run):
     assert res["converged"] and res["residual"] < 1e-6
     assert res["history"][0]["residual"] == 1.0 and res["history"][-1]["residual"] < 1e-6
     assert {"load_s", "solve_s", "total_s"} <= set(rec["timings"])
-    assert rec["versions"]["torch"] == torch.__version__.split("+")[0] or rec["versions"]["torch"]
+    assert rec["versions"]["torch"] == torch.__version__ and rec["versions"]["peft"] == peft.__version__
     assert len(rec["chain"]) == 1 and rec["chain"][0]["ids"] == ["q1", "q2", "q3", "new"]
     # nothing half-written is left beside the output
     assert not [p for p in out.parent.iterdir() if ".partial-" in p.name]
@@ -223,24 +224,24 @@ def test_console_script_help_lists_every_command():
 
 @pytest.mark.parametrize("name", ["demo.yaml", "llava-1.5-7b-a40.yaml"])
 def test_shipped_configs_are_valid_for_every_command(name):
-    from mmerase.cli import COMMANDS, _config_defaults
+    from mmerase.cli import COMMANDS, config_values
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
-    values = {c.name: _config_defaults(str(path), c) for c in COMMANDS}
+    values = {c.name: config_values(str(path), c) for c in COMMANDS}
     if name == "demo.yaml":
-        assert values["demo"]["curvature"] == "hessian" and values["demo"]["task"] == "all"
+        assert values["demo"]["curvature"] == "hessian" and values["demo"]["task"] == ("rc", "qm", "ir")
     else:
-        assert values["unlearn"]["load_in_4bit"] is True and values["unlearn"]["solver"] == "cg"
+        assert values["unlearn"]["quantization"] == "nf4" and values["unlearn"]["solver"] == "cg"
         assert values["finetune"]["lora_r"] == 8 and values["generate"]["max_new_tokens"] == 128
 
 
 def test_zero3_refuses_mixed_image_and_text_data(tmp_path):
     from mmerase.data import Sample, digit_samples
     from mmerase.influence import Edit
-    from mmerase.workflows import _check_uniform_modality
+    from mmerase.workflows import check_uniform_modality
 
     text = Sample("t", [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}])
     images = digit_samples(range(3))
-    _check_uniform_modality(images, [Edit(old=images[0])], "d.json")  # all images: fine
+    check_uniform_modality(images, [Edit(old=images[0])], "d.json")  # all images: fine
     with pytest.raises(ValueError, match=r"d.json: under --deepspeed \(ZeRO-3\).*\(3 of 4"):
-        _check_uniform_modality(images, [Edit(new=text)], "d.json")
+        check_uniform_modality(images, [Edit(new=text)], "d.json")

@@ -42,26 +42,20 @@ def test_quick_demo_removal_raises_the_forgotten_samples_loss(tmp_path):
 
 def test_demo_defaults_are_the_ones_chosen_on_validation():
     """DemoConfig, `mmerase demo`'s options and configs/demo.yaml carry the settings benchmarks/fidelity.py chose on
-    the validation split, and the demo's damping rule gives the λ that was validated for every scenario."""
+    the validation split."""
     from pathlib import Path
 
-    from mmerase.cli import COMMANDS, _config_defaults
+    from mmerase.cli import COMMANDS, _parse, config_values
     from mmerase.demo import DemoConfig
-    from mmerase.influence.damping import damping_rule
 
     root = Path(__file__).resolve().parents[1]
     rep = json.loads((root / "benchmarks" / "fidelity.json").read_text())
     chosen, cfg = rep["chosen"], DemoConfig()
-    assert (cfg.curvature, cfg.refine_steps, cfg.refine_damping, cfg.damping) == \
-        (chosen["curvature"], chosen["refine_steps"], chosen.get("refine_damping", "proximal"), None)
-    scale_index = rep["config"]["scales"].index(chosen["scale"])
-    for t, sweep in rep["damping"][cfg.curvature].items():
-        lam, _ = damping_rule(cfg.damping_scale, sweep["top_eigenvalue"], sweep["bottom_ritz_value"])
-        assert abs(lam - sweep["rules"][scale_index]["damping"]) < 1e-9 * lam, t
+    assert (cfg.solver.curvature, cfg.solver.refine_steps, cfg.solver.refine_damping, cfg.solver.damping) == \
+        (chosen["curvature"], chosen["refine_steps"], chosen.get("refine_damping", "proximal"), "auto")
     demo = next(c for c in COMMANDS if c.name == "demo")
-    yaml_values = _config_defaults(str(root / "configs" / "demo.yaml"), demo)
-    for opt in demo.opts:
-        if hasattr(cfg, opt.dest) and opt.dest != "damping":
-            assert opt.default == getattr(cfg, opt.dest), opt.flag
-            if opt.dest in yaml_values:
-                assert yaml_values[opt.dest] == getattr(cfg, opt.dest), opt.flag
+    built = demo.configs(_parse(demo, []))
+    assert built[DemoConfig] == cfg  # the command line's defaults are DemoConfig's, solver included
+    yaml_values = config_values(str(root / "configs" / "demo.yaml"), demo)
+    from_yaml = demo.configs(_parse(demo, ["--config", str(root / "configs" / "demo.yaml")]))
+    assert yaml_values and from_yaml[DemoConfig] == cfg and from_yaml[type(cfg.solver)] == cfg.solver

@@ -12,8 +12,8 @@ from mmerase import Edit, InfluenceEngine, SolverConfig
 from mmerase.data import Sample, digit_samples, modify_sample
 from mmerase.influence import InfluenceError
 from mmerase.influence import vectors as V
-from mmerase.influence.precondition import (DiagonalPreconditioner, PreconditionerConfig, build_preconditioner,
-                                             lanczos)
+from mmerase.influence.lanczos import lanczos
+from mmerase.influence.precondition import DiagonalPreconditioner, PreconditionerConfig, build_preconditioner
 from mmerase.models import LoadOptions, LoraSettings, load_model
 from mmerase.prepare import load_preparation, prepare, save_preparation
 

@@ -1,4 +1,5 @@
-"""Solver configuration: one small dataclass shared by every solver and curvature."""
+"""Solver configuration: one small dataclass shared by every solver and curvature, and the single source of the
+solver's command-line options (each field carries its help text and choices; see :mod:`mmerase.options`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,24 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-SOLVERS = ("cg", "stochastic", "lissa", "dense", "prepared")
-CURVATURES = ("hessian", "fd-hessian", "ggn", "fisher", "sampled-fisher")
+from ..options import option
+from .registry import curvature_names, solver_names
+
+REFINE_DAMPINGS = ("proximal", "step")
+GGN_JVPS = ("autograd", "fd")
+
+
+def parse_damping(text: str) -> float | str:
+    """'auto' or a number ≥ 0 (the command-line and config-file form of ``damping``)."""
+    if str(text).lower() == "auto":
+        return "auto"
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(text)
+    return value
+
+
+parse_damping.__name__ = "damping (a number ≥ 0 or 'auto')"  # argparse names the type in its errors
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
@@ -19,83 +36,66 @@ def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class SolverConfig:
-    """How to solve (H + λI) δ = b.
+    """How to solve (H + λI) δ = b, and how to refine it. Each field's help text says what it does; the resolved
+    plan (:func:`mmerase.influence.plan.resolve`) turns a config into the curvature object, λ and the product
+    requirements the engine uses."""
 
-    method:      'cg' (conjugate gradient on products over the whole curvature set; the default),
-                 'stochastic' (Adam on ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; the LLMEraser method),
-                 'lissa' (Neumann-series recursion with mini-batch products), 'dense' (forms H; small models only),
-                 'prepared' (δ = M b from a preparation's preconditioner M alone: approximate, no solve; see
-                 mmerase.prepare). 'cg' and 'stochastic' given a preconditioner run preconditioned, still exact.
-    curvature:   'hessian' (exact double backward), 'fd-hessian' (central differences of gradients),
-                 'ggn' (Gauss-Newton, PSD; needs a Task loss), 'fisher' (empirical Fisher, PSD),
-                 'sampled-fisher' (the true Fisher by one seeded label draw per sample, scaled to be unbiased
-                 for the GGN; PSD; needs a Task with sample_targets).
-    damping:     λ ≥ 0 added to the curvature, or 'auto' (the default): λ = damping_scale × the curvature's top
-                 eigenvalue, raised when the curvature shows negative eigenvalues (see mmerase.influence.damping);
-                 the value used and how it was found are in ``result.info['damping']``.
-    damping_scale: the fraction of the top eigenvalue that 'auto' takes.
-    damping_steps: Lanczos steps (curvature products) that 'auto' spends on the spectrum.
-    tol:         stop when the relative residual ‖(H+λI)δ − b‖/‖b‖ falls below this.
-    max_steps:   solver iterations (CG steps, Adam steps, LiSSA recursion steps).
-    batch_size:  samples per product / gradient chunk (mini-batch size for 'stochastic' and 'lissa').
-    seed:        makes mini-batch sampling deterministic.
-    lr:          Adam step for 'stochastic' (None: 0.1 × the RMS of the steepest-descent step, one extra product).
-    lissa_scale: LiSSA divides by this (None: 1.1 × a power-iteration estimate of the top eigenvalue).
-    residual_samples:  size of the fixed random training subset on which stochastic solvers measure the
-                 residual (None: the whole curvature set).
-    curvature_samples: products over a fixed random subset of this many training samples (None: all).
-                 Each product costs that many samples instead of n, but δ then solves the sub-sampled system,
-                 so its distance to the full-curvature δ is set by the subset, not by the solver's tolerance.
-                 Measured (benchmarks/request_reuse*.md, digits RC, n=560, GGN): at λ=0.1 a subset of 64 / 140
-                 moves δ by 75% / 55% of its norm with a comparable recovery; at λ=0.01 by 168% / 119%, and the
-                 64-sample δ made the corrected answers worse. Sub-sample only with enough damping, and check.
-    eval_every:  stochastic solvers measure the residual every this many steps.
-    fd_eps:      relative finite-difference step for 'fd-hessian' and ggn_jvp='fd' (None: cbrt(machine eps)).
-    ggn_jvp:     how 'ggn' computes J·v: 'autograd' (exact, double backward) or 'fd' (first-order passes only).
-    dense_max_params: 'dense' refuses models with more trainable parameters than this.
-    divergence_factor: a stochastic solver whose residual exceeds this is stopped with an error.
-    refine_steps: Newton refinement steps after the influence update (0: the plain update), each one
-                 gradient pass over the curvature set plus a solve with the edited objective's curvature; a step
-                 that raises the stationarity gap is undone and ends the refinement.
-    refine_damping: what λ is in refinement. 'proximal' (default): a term (λ/2)‖θ − θ̂‖² of the edited
-                 objective, so refinement converges to the damped update's exact version and stays near θ̂.
-                 'step': only each Newton step is damped (Levenberg–Marquardt), so refinement converges to a
-                 stationary point of the undamped corrected objective, the retrained adapter's if the loss is
-                 locally convex there; it may walk far along flat directions where it is not. Every step must
-                 lower the objective (line search), but a step that raises the gap is kept (on a non-convex
-                 loss the gap is not monotone along descent); the record has each step's gap.
-    stationarity_check: compute the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes).
-    progress:    show a progress bar (None: only on a terminal).
-    """
-
-    method: str = "cg"
-    curvature: str = "hessian"
-    damping: float | str = "auto"
-    damping_scale: float = 1e-2
-    damping_steps: int = 20
-    tol: float = 1e-4
-    max_steps: int = 200
-    batch_size: int = 16
-    seed: int = 0
-    lr: float | None = None
-    lissa_scale: float | None = None
-    residual_samples: int | None = None
-    curvature_samples: int | None = None
-    eval_every: int = 10
-    fd_eps: float | None = None
-    ggn_jvp: str = "autograd"
-    dense_max_params: int = 4096
-    divergence_factor: float = 1e3
-    refine_steps: int = 0
-    refine_damping: str = "proximal"
-    stationarity_check: bool = True
-    progress: bool | None = None
+    method: str = option("cg", flag="--solver", choices=solver_names, help=(
+        "cg: conjugate gradient over the whole curvature set (fewest products); stochastic: Adam on "
+        "½δᵀ(H+λI)δ − bᵀδ with mini-batch products (LLMEraser); lissa: Neumann series; dense: forms H (tiny "
+        "adapters only); prepared: one step with a preparation's preconditioner (approximate, no solve). cg and "
+        "stochastic given a preparation run preconditioned, still exact"))
+    curvature: str = option("hessian", choices=curvature_names, help=(
+        "hessian: exact (double backward); fd-hessian: central differences of gradients (first-order passes); "
+        "ggn: Gauss-Newton (PSD); fisher: empirical Fisher (PSD); sampled-fisher: true Fisher from seeded label "
+        "draws (PSD)"))
+    damping: float | str = option("auto", parse=parse_damping, help=(
+        "λ added to the curvature (H + λI): a number, or auto: --damping-scale × the curvature's top eigenvalue "
+        "(--damping-steps Lanczos products), raised when the curvature shows negative eigenvalues or CG meets "
+        "them; with a preparation, auto means its λ. The λ used is in the run record"))
+    damping_scale: float = option(1e-2, help="the fraction of the top eigenvalue that --damping auto takes")
+    damping_steps: int = option(20, help="Lanczos steps (curvature products) --damping auto spends on the spectrum")
+    tol: float = option(1e-4, help="stop when the relative residual ‖(H+λI)δ − b‖/‖b‖ is below this")
+    max_steps: int = option(200, help="solver iterations (CG steps, Adam steps, LiSSA recursion steps)")
+    batch_size: int = option(16, help="samples per curvature product chunk / mini-batch")
+    seed: int = option(0, help="seed of mini-batch sampling, sub-samples, label draws and Lanczos start vectors")
+    lr: float | None = option(None, help="Adam step of the stochastic solver (default: 0.1 × the RMS of the "
+                              "steepest-descent step, one extra product)")
+    lissa_scale: float | None = option(None, help="LiSSA divides by this (default: 1.1 × a power-iteration "
+                                       "estimate of the top eigenvalue)")
+    residual_samples: int | None = option(None, help=(
+        "measure the stochastic solvers' residual on a fixed random subset of this many training samples "
+        "(default: the curvature set)"))
+    curvature_samples: int | None = option(None, help=(
+        "products over a fixed random subset of this many training samples (default: all). δ then solves the "
+        "sub-sampled system: its distance to the full-curvature δ is set by the subset (benchmarks/README.md, "
+        "request reuse), so sub-sample only with enough damping, and check"))
+    eval_every: int = option(10, help="stochastic solvers measure the residual every this many steps")
+    fd_eps: float | None = option(None, help=(
+        "relative finite-difference step of fd-hessian and --ggn-jvp fd (default: cbrt of the machine epsilon "
+        "of the precision the model computes in)"))
+    ggn_jvp: str | None = option(None, choices=GGN_JVPS, help=(
+        "how ggn computes J·v: autograd (exact, double backward) or fd (first-order passes); default: autograd, "
+        "fd under --deepspeed"))
+    dense_max_params: int = option(4096, help="the dense solver refuses adapters with more parameters than this")
+    divergence_factor: float = option(1e3, help="a stochastic solver whose residual exceeds this stops with an error")
+    refine_steps: int = option(0, help=(
+        "Newton refinement steps after the influence update, each one gradient pass over the curvature set plus "
+        "a solve with the edited objective's curvature (0: the plain update)"))
+    refine_damping: str = option("proximal", choices=REFINE_DAMPINGS, help=(
+        "λ in refinement: proximal keeps (λ/2)‖θ − θ̂‖² in the edited objective (stays near the trained adapter; a "
+        "step that raises the stationarity gap is undone); step damps each Newton step only (Levenberg–Marquardt: "
+        "converges to the undamped edited optimum; every step must lower the objective)"))
+    stationarity_check: bool = option(True, help=(
+        "certify δ by the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes over the curvature set)"))
+    progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
 
     def __post_init__(self) -> None:
-        _check_choice("solver", self.method, SOLVERS)
-        _check_choice("curvature", self.curvature, CURVATURES)
-        _check_choice("ggn_jvp", self.ggn_jvp, ("autograd", "fd"))
-        _check_choice("refine_damping", self.refine_damping, ("proximal", "step"))
+        _check_choice("solver", self.method, solver_names())
+        _check_choice("curvature", self.curvature, curvature_names())
+        if self.ggn_jvp is not None:
+            _check_choice("ggn_jvp", self.ggn_jvp, GGN_JVPS)
+        _check_choice("refine_damping", self.refine_damping, REFINE_DAMPINGS)
         if isinstance(self.damping, str) and self.damping != "auto":
             try:
                 self.damping = float(self.damping)
@@ -103,6 +103,9 @@ class SolverConfig:
                 raise ValueError(f"damping must be a number ≥ 0 or 'auto', got '{self.damping}'") from None
         if self.damping != "auto" and not (self.damping >= 0):
             raise ValueError(f"damping must be ≥ 0 or 'auto', got {self.damping}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
         if not (self.damping_scale > 0):
             raise ValueError(f"damping_scale must be > 0, got {self.damping_scale}")
         if not (self.tol > 0):
@@ -116,10 +119,10 @@ class SolverConfig:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be ≥ 1 or None, got {v}")
-        if self.lr is not None and not (self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lissa_scale is not None and not (self.lissa_scale > 0):
-            raise ValueError(f"lissa_scale must be > 0, got {self.lissa_scale}")
+        for name in ("lr", "lissa_scale", "fd_eps"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0):
+                raise ValueError(f"{name} must be > 0, got {v}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SolverConfig":

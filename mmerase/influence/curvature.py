@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import torch
 
 from .errors import InfluenceError
+from .registry import CURVATURES, register_curvature
 from .task import Task
 from .vectors import Vec, norm
 
@@ -81,13 +82,14 @@ class Curvature:
     needs_second_order = False  # needs a differentiable backward (not under ZeRO-3)
     per_sample_passes = False  # runs passes per sample, not per batch (data-parallel padding, see .distributed)
 
-    def __init__(self, fd_eps: float | None = None, ggn_jvp: str = "autograd", seed: int = 0) -> None:
-        self.fd_eps, self.ggn_jvp, self.seed = fd_eps, ggn_jvp, seed
+    def __init__(self, fd_eps: float | None = None, ggn_jvp: str | None = "autograd", seed: int = 0) -> None:
+        self.fd_eps, self.ggn_jvp, self.seed = fd_eps, ggn_jvp or "autograd", seed
 
     def batch_product(self, ctx: ProductContext, samples: list, v: Vec, where: str) -> Vec:
         raise NotImplementedError
 
 
+@register_curvature
 class ExactHessian(Curvature):
     """Pearlmutter's trick: H v = ∇(∇L · v), one double backward (≈2 gradients)."""
 
@@ -103,6 +105,7 @@ class ExactHessian(Curvature):
         return _grads(gv, ctx.params)
 
 
+@register_curvature
 class FiniteDifferenceHessian(Curvature):
     """(∇L(θ+εv) − ∇L(θ−εv)) / 2ε: first-order passes only, O(ε²) truncation error."""
 
@@ -120,6 +123,7 @@ class FiniteDifferenceHessian(Curvature):
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]
 
 
+@register_curvature
 class GaussNewton(Curvature):
     """Jᵀ H_out J v, with J the Jacobian of the Task's outputs and H_out the Hessian of the loss in them (PSD
     for convex output losses such as cross-entropy)."""
@@ -162,6 +166,7 @@ class GaussNewton(Curvature):
         return _grads(out, ctx.params, grad_outputs=h_jv)
 
 
+@register_curvature
 class EmpiricalFisher(Curvature):
     """(1/m) Σ_i g_i g_iᵀ v with g_i the gradient of sample i's loss (PSD; one gradient per sample)."""
 
@@ -196,6 +201,7 @@ def _draw_seed(seed: int, batch: Any) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
+@register_curvature
 class SampledFisher(Curvature):
     """The true Fisher by Monte Carlo: (1/m) Σ_i T_i g̃_i g̃_iᵀ v, g̃_i the gradient of sample i's loss on targets
     drawn from the model's own predictive distribution (``Task.sample_targets``), T_i = ``Task.label_count`` (PSD).
@@ -231,14 +237,10 @@ class SampledFisher(Curvature):
         return out
 
 
-CURVATURE_BACKENDS: dict[str, type[Curvature]] = {
-    c.name: c for c in (ExactHessian, FiniteDifferenceHessian, GaussNewton, EmpiricalFisher, SampledFisher)
-}
-
-
-def make_curvature(name: str, fd_eps: float | None = None, ggn_jvp: str = "autograd", seed: int = 0) -> Curvature:
+def make_curvature(name: str, fd_eps: float | None = None, ggn_jvp: str | None = "autograd", seed: int = 0
+                   ) -> Curvature:
     """The curvature backend ``name``; ``seed`` fixes the label draws of 'sampled-fisher'."""
     try:
-        return CURVATURE_BACKENDS[name](fd_eps=fd_eps, ggn_jvp=ggn_jvp, seed=seed)
+        return CURVATURES[name](fd_eps=fd_eps, ggn_jvp=ggn_jvp, seed=seed)
     except KeyError:
-        raise InfluenceError(f"unknown curvature '{name}'; choose one of: {', '.join(CURVATURE_BACKENDS)}") from None
+        raise InfluenceError(f"unknown curvature '{name}'; choose one of: {', '.join(CURVATURES)}") from None

@@ -1,4 +1,4 @@
-"""Automatic damping: λ from the curvature's own spectrum (issue 6).
+"""Automatic damping: λ from the curvature's own spectrum.
 
 A LoRA fine-tune is non-convex and stops short of an exact optimum, so the curvature H is indefinite (exact Hessian)
 or nearly singular (GGN, Fisher), and an undamped or lightly damped solve walks far along flat directions where the
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import vectors as V
+from .lanczos import lanczos
 
 #: λ is at least this multiple of the most negative Ritz value, so that H + λI is positive definite with room to spare
 PD_MARGIN = 2.0
@@ -29,8 +30,6 @@ MAX_INCREASES = 4
 def estimate_damping(matvec: Callable[[V.Vec], V.Vec], like: V.Vec, scale: float, steps: int, seed: int = 0,
                      progress: bool | None = None) -> tuple[float, dict[str, Any]]:
     """λ = scale · μ_max, raised for negative curvature; returns (λ, what the estimate saw)."""
-    from .precondition import lanczos  # the Lanczos iteration lives with the low-rank preconditioner
-
     values, _, residuals, info = lanczos(matvec, like, steps, seed=seed, progress=progress)
     top, bottom = float(values[0]), float(values[-1])
     if top == 0 and bottom == 0:

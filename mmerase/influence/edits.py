@@ -1,4 +1,4 @@
-"""Edits: what changes in the training set (DESIGN.md §1)."""
+"""Edits: what changes in the training set."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InfluenceEngine: the edit gradient b, curvature products over the training set, and the solve (DESIGN.md §1–2)."""
+"""InfluenceEngine: the edit gradient b, curvature products over the training set, and the solve (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ..utils import batch_size_of, model_device, move_to
+from ..utils import model_device, move_to
 from . import vectors as V
 from .config import SolverConfig
 from .curvature import Curvature, make_curvature
-from .damping import MAX_INCREASES, estimate_damping, raised_damping
 from .distributed import all_reduce_, check_product_support, shard, world
 from .edits import Edit
-from .errors import InfluenceError, NotPositiveDefiniteError
-from .solvers import SOLVERS, Preconditioner
+from .errors import InfluenceError
+from .plan import SolvePlan, initial_damping, resolve
+from .problem import Indexed, SolveState, damped_solve
+from .refine import Callback, finish
+from .solvers import Preconditioner
 
 
 @dataclass
@@ -43,66 +45,6 @@ class SolveResult:
     def summary(self) -> dict[str, Any]:
         """Everything but the tensors, for run records."""
         return {k: v for k, v in self.__dict__.items() if k != "delta"}
-
-
-def _dist_world() -> tuple[int, int]:
-    return world()
-
-
-class _Indexed:
-    """A read-only view ``data[indices]`` of a sequence."""
-
-    def __init__(self, data: Sequence, indices: Sequence[int]) -> None:
-        self.data, self.indices = data, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.data[self.indices[i]]
-
-
-class _Problem:
-    """(H + λI) restricted to a sample set, with product counting; implements solvers.LinearProblem."""
-
-    def __init__(self, engine: "InfluenceEngine", curvature: Curvature, config: SolverConfig, b: V.Vec,
-                 curv_idx: list[int], resid_idx: list[int], preconditioner: Preconditioner | None = None,
-                 extra: Callable[[V.Vec], V.Vec] | None = None) -> None:
-        self.engine, self.curvature, self.config = engine, curvature, config
-        self.extra = extra  # a deterministic term added to every product (the edits' curvature in refinement)
-        self.preconditioner = preconditioner  # M ≈ (H+λI)⁻¹ for PCG; products stay exact
-        self.b, self.damping = b, config.damping
-        self.n_params = sum(t.numel() for t in b)
-        self.curv_idx, self.resid_idx = curv_idx, resid_idx
-        self.product_samples = 0
-        self._gen = torch.Generator().manual_seed(config.seed)
-        self._queue: list[int] = []
-
-    def _damped(self, v: V.Vec, idx: list[int]) -> V.Vec:
-        hv = self.engine.product(v, self.curvature, idx, self.config.batch_size)
-        self.product_samples += len(idx)
-        if self.extra is not None:
-            hv = V.add(hv, self.extra(v))
-        return V.axpy(self.damping, v, hv) if self.damping else hv
-
-    def matvec(self, v: V.Vec) -> V.Vec:
-        return self._damped(v, self.curv_idx)
-
-    def minibatch_matvec(self, v: V.Vec) -> V.Vec:
-        """An unbiased estimate: the next batch of a reshuffled pass over the curvature set."""
-        if len(self._queue) < self.config.batch_size:
-            perm = torch.randperm(len(self.curv_idx), generator=self._gen).tolist()
-            self._queue += [self.curv_idx[i] for i in perm]
-        idx, self._queue = self._queue[: self.config.batch_size], self._queue[self.config.batch_size :]
-        return self._damped(v, idx)
-
-    def residual(self, x: V.Vec) -> float:
-        r = V.sub(self._damped(x, self.resid_idx), self.b)
-        return V.norm(r) / V.norm(self.b)
-
-    def residual_matvec(self, v: V.Vec) -> V.Vec:
-        """(H + λI) v over the residual set (the samples ``residual`` measures on)."""
-        return self._damped(v, self.resid_idx)
 
 
 class InfluenceEngine:
@@ -158,7 +100,7 @@ class InfluenceEngine:
         return loss.reshape(())
 
     @contextlib.contextmanager
-    def _inference_mode(self) -> Iterator[None]:
+    def inference_mode(self) -> Iterator[None]:
         """Dropout and similar off for the duration (products must be deterministic), restored afterwards.
 
         Modules flagged ``mmerase_keep_training = True`` stay in training mode: layers whose training mode only
@@ -180,10 +122,10 @@ class InfluenceEngine:
         """Σ_z ∇L(z) over ``samples``: each chunk's mean-loss gradient times its size, so the result does not
         depend on ``batch_size``. A chunk that fails is retried sample by sample to name the culprit."""
         total = [torch.zeros_like(p) for p in self.params]
-        rank, world = _dist_world()
+        rank, size = world()
         for start in range(0, len(samples), batch_size):
             # every rank runs a pass per chunk (padding when its share is empty): ZeRO-3 needs lockstep
-            for chunk, live in shard(range(start, min(start + batch_size, len(samples))), rank, world):
+            for chunk, live in shard(range(start, min(start + batch_size, len(samples))), rank, size):
                 try:
                     batch = self.collate([samples[i] for i in chunk])
                     loss = self.loss(batch, f"{what}s {chunk[0]}–{chunk[-1]}")
@@ -207,7 +149,7 @@ class InfluenceEngine:
     def edit_gradient(self, edits: Sequence[Edit], batch_size: int = 16) -> V.Vec:
         """b = −(1/n) Σ_E [∇L(z_new) − ∇L(z_old)] at the current parameters (absent sides contribute 0)."""
         edits = self._check_edits(edits)
-        with self._inference_mode():
+        with self.inference_mode():
             new = [e.new for e in edits if e.new is not None]
             old = [e.old for e in edits if e.old is not None]
             g_new = self.gradient_sum(new, batch_size, "new sample of edit") if new else V.zeros_like(self.params)
@@ -226,13 +168,13 @@ class InfluenceEngine:
         v = self._as_list(v)
         idx = list(range(self.n)) if indices is None else list(indices)
         total = [torch.zeros_like(p) for p in self.params]
-        rank, world = _dist_world()
-        with self._inference_mode():
+        rank, size = world()
+        with self.inference_mode():
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start : start + batch_size]
                 where = f"training samples {chunk[0]}–{chunk[-1]}"
                 # padding passes (live=False) keep ranks in lockstep; their results are dropped
-                for local, live in shard(chunk, rank, world, getattr(curv, "per_sample_passes", False)):
+                for local, live in shard(chunk, rank, size, getattr(curv, "per_sample_passes", False)):
                     hv = curv.batch_product(self, [self.train_set[i] for i in local], v, where)
                     if live:
                         for t, h in zip(total, hv):
@@ -246,7 +188,7 @@ class InfluenceEngine:
         curv = make_curvature(curvature) if isinstance(curvature, str) else curvature
         v = self._as_list(v)
         total = [torch.zeros_like(p) for p in self.params]
-        with self._inference_mode():
+        with self.inference_mode():
             for samples, sign, what in (([e.new for e in edits if e.new is not None], 1.0, "new"),
                                         ([e.old for e in edits if e.old is not None], -1.0, "old")):
                 for start in range(0, len(samples), batch_size):
@@ -279,7 +221,8 @@ class InfluenceEngine:
                 raise InfluenceError(f"edit #{i} is a {type(e).__name__}, not an mmerase.Edit")
         return edits
 
-    def _subset(self, size: int | None, seed: int) -> list[int]:
+    def subset(self, size: int | None, seed: int) -> list[int]:
+        """A fixed random subset of ``size`` training indices for ``seed`` (sorted; all of them when size is None)."""
         if size is None or size >= self.n:
             return list(range(self.n))
         g = torch.Generator().manual_seed(seed)
@@ -288,51 +231,39 @@ class InfluenceEngine:
     # ----------------------------------------------------------------- the solve
     def mean_gradient(self, indices: Sequence[int], batch_size: int) -> V.Vec:
         """∇ of the mean training loss over ``indices`` at the current parameters."""
-        with self._inference_mode():
-            total = self.gradient_sum(_Indexed(self.train_set, indices), batch_size, "training sample")
+        with self.inference_mode():
+            total = self.gradient_sum(Indexed(self.train_set, indices), batch_size, "training sample")
         return V.scale(1.0 / len(indices), total)
 
-    def resolve_damping(self, config: SolverConfig, curvature: Curvature | None = None,
-                        indices: list[int] | None = None) -> tuple[SolverConfig, dict[str, Any] | None]:
-        """``config`` with damping='auto' replaced by its estimate from the curvature's spectrum over ``indices``
-        (default: the curvature set), and what the estimate saw; a numeric damping passes through (info None)."""
-        if not config.auto_damping:
-            return config, None
-        curv = curvature or make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp,
-                                           seed=config.seed)
-        idx = self._subset(config.curvature_samples, config.seed) if indices is None else indices
-        used = [0]
+    def damping_for(self, plan: SolvePlan | SolverConfig, indices: list[int] | None = None
+                    ) -> tuple[float, dict[str, Any] | None]:
+        """The λ a solve under ``plan`` starts from and how it was found (:func:`.plan.initial_damping`), with
+        products over ``indices`` (default: the plan's curvature set)."""
+        plan = plan if isinstance(plan, SolvePlan) else resolve(plan)
+        cfg = plan.config
+        idx = self.subset(cfg.curvature_samples, cfg.seed) if indices is None else indices
+        return initial_damping(plan, lambda v: self.product(v, plan.curvature, idx, cfg.batch_size), self.params,
+                               len(idx))
 
-        def matvec(v: V.Vec) -> V.Vec:
-            used[0] += len(idx)
-            return self.product(v, curv, idx, config.batch_size)
+    def solve_sets(self, config: SolverConfig) -> tuple[list[int], list[int]]:
+        """(curvature set, residual set): the training indices products run over, and those the stochastic solvers
+        measure their residual on."""
+        curv_idx = self.subset(config.curvature_samples, config.seed)
+        if config.residual_samples is None:
+            return curv_idx, curv_idx
+        if config.curvature_samples is None:
+            return curv_idx, sorted(self.subset(config.residual_samples, config.seed + 1))
+        return curv_idx, sorted(curv_idx[: config.residual_samples])
 
-        try:
-            lam, info = estimate_damping(matvec, self.params, config.damping_scale, config.damping_steps,
-                                         seed=config.seed, progress=config.progress)
-        except ValueError as e:
-            raise InfluenceError(f"automatic damping: {e}") from e
-        info["product_samples"] = used[0]
-        return dataclasses.replace(config, damping=lam), info
+    def solve(self, edits: Sequence[Edit], config: SolverConfig | SolvePlan | None = None,
+              preconditioner: Preconditioner | None = None, callback: Callback | None = None) -> SolveResult:
+        """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ, then
+        ``config.refine_steps`` Newton refinement steps on the edited objective (:mod:`.refine`).
 
-    def solve(self, edits: Sequence[Edit], config: SolverConfig | None = None,
-              preconditioner: Preconditioner | None = None,
-              callback: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None] | None = None) -> SolveResult:
-        """δ = (H + λI)⁻¹ b for the given edits, H the curvature of the mean training loss at the current θ.
-
-        With ``config.refine_steps = K`` it then takes K Newton steps on the stationarity-corrected edited
-        objective R̃_E(θ) = R(θ) − ∇R(θ̂)ᵀ(θ − θ̂) + (1/n) Σ_E [L(z_new; θ) − L(z_old; θ)] + (λ/2)‖θ − θ̂‖²,
-        whose gradient at θ̂ is −b, so the first step is exactly the plain influence update and the later ones
-        remove only the edit's higher-order (Taylor) error: not the adapter's distance from a training optimum
-        (the correction term) and not the damping (kept as a proximal term; otherwise refinement would walk
-        towards the undamped solution along the flat directions that damping exists to hold back). Refinement
-        steps use R̃_E's own curvature, H + (1/n) Σ_E [C(z_new) − C(z_old)] (products over the few edited samples
-        added), so removals converge quadratically too; each step is line-searched on R̃_E, and a step that raises
-        the stationarity gap (a curvature that misreads R̃_E, e.g. GGN where the Hessian is indefinite) is undone
-        and ends the refinement (``info['refinement']`` marks it ``rejected``). With
-        ``config.refine_damping='step'`` λ damps each step instead (no proximal term; steps that raise the gap but
-        lower R̃_E are kept), converging to R̃_E's own stationary point.
-        ``result.info['stationarity_gap']`` = ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit.
+        ``config`` is a :class:`SolverConfig` (resolved here, taking ``preconditioner``'s λ for damping='auto') or
+        an already resolved :class:`~.plan.SolvePlan`. ``result.info['stationarity_gap']`` =
+        ‖∇R̃_E(θ̂+δ)‖ / ‖∇R̃_E(θ̂)‖ certifies how well δ solves the edit; ``result.info['damping']`` says how an
+        automatic λ was found.
 
         ``callback(newton_step, delta, record)`` sees the update after each Newton step (1: the plain influence
         update), e.g. to evaluate every refinement step from one solve; the model holds θ̂ + delta meanwhile.
@@ -345,167 +276,49 @@ class InfluenceEngine:
         curvature, ``SolverDivergedError`` on NaN/inf or divergence; never returns a diverged δ. The model's
         parameters are unchanged on return (use :meth:`apply`).
         """
-        config = config or SolverConfig()
+        plan = config if isinstance(config, SolvePlan) else resolve(
+            config or SolverConfig(), preparation_damping=getattr(preconditioner, "damping", None))
         edits = self._check_edits(edits)
         if preconditioner is not None and hasattr(preconditioner, "check_fits"):
             preconditioner.check_fits(self.names, self.params)
-        self._preconditioner = preconditioner
         t0 = time.perf_counter()
-        curv = make_curvature(config.curvature, fd_eps=config.fd_eps, ggn_jvp=config.ggn_jvp, seed=config.seed)
-        b = self.edit_gradient(edits, config.batch_size)
+        cfg = plan.config
+        b = self.edit_gradient(edits, cfg.batch_size)
         b_norm = V.norm(b)
         if not V.is_finite(b):
             raise InfluenceError("the edit gradient b contains NaN/inf: check the edited samples' losses")
-        curv_idx = self._subset(config.curvature_samples, config.seed)
-        resid_idx = curv_idx if config.residual_samples is None else \
-            sorted(self._subset(config.residual_samples, config.seed + 1) if config.curvature_samples is None
-                   else curv_idx[: config.residual_samples])
+        curv_idx, resid_idx = self.solve_sets(cfg)
         info: dict[str, Any] = {"n_train": self.n, "n_edits": len(edits), "curvature_set": len(curv_idx),
                                 "residual_set": len(resid_idx)}
         if b_norm == 0.0:  # identical old and new samples: nothing to change
             zero = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
-            return SolveResult(zero, 0.0, True, 0, [], 0.0, 0.0, 0, time.perf_counter() - t0, config.to_dict(),
+            return SolveResult(zero, 0.0, True, 0, [], 0.0, 0.0, 0, time.perf_counter() - t0, cfg.to_dict(),
                                {**info, "note": "b = 0: the edits do not change the objective"})
-
-        if config.auto_damping and getattr(preconditioner, "damping", None):  # made for a λ: 'auto' means that one
-            config = dataclasses.replace(config, damping=float(preconditioner.damping))
-            damping_info: dict[str, Any] | None = {"rule": "the preconditioner's λ", "value": config.damping,
-                                                   "increases": [], "product_samples": 0}
-        else:
-            config, damping_info = self.resolve_damping(config, curv, curv_idx)
-        samples = 0
+        lam, damping_info = self.damping_for(plan, curv_idx)
+        state = SolveState(self, plan.curvature, dataclasses.replace(cfg, damping=lam), b, curv_idx, resid_idx,
+                           preconditioner, damping_info, samples=(damping_info or {}).get("product_samples", 0))
         if damping_info is not None:
             info["damping"] = damping_info
-            samples += damping_info["product_samples"]
-        out, used, config = self._damped_solve(curv, config, b, curv_idx, resid_idx, damping_info)
-        samples += used
-        x, history, steps = out.x, [dict(h, newton_step=1) for h in out.history], out.steps
+        out = damped_solve(state, b)
+        history = [dict(h, newton_step=1) for h in out.history]
         info.update(out.info)
-        need_gap = config.refine_steps > 0 or config.stationarity_check
-        if need_gap:
-            g_hat = self.mean_gradient(curv_idx, config.batch_size)  # ∇R(θ̂), removed by the correction
-            saved = [p.detach().clone() for p in self.params]
-            refinement: list[dict[str, Any]] = []
-            before: tuple[V.Vec, Any, SolverConfig] | None = None  # (x, out, config) before the last Newton step
-            edit_samples = 2 * len(edits)
-            proximal = config.refine_damping == "proximal"  # λ a term of R̃_E, not only of each step
+        x, out, steps, refined = finish(state, edits, out.x, out, history, out.steps, b_norm, callback)
+        info.update(refined)
+        return SolveResult(delta=self.named(x), residual=out.residual, converged=out.converged, steps=steps,
+                           history=history, b_norm=b_norm, delta_norm=V.norm(x), product_samples=state.samples,
+                           wall_time=time.perf_counter() - t0, config=state.config.to_dict(), info=info)
 
-            def edit_curvature(v: V.Vec) -> V.Vec:  # R̃_E's Hessian is H + the edits' own curvature
-                nonlocal samples
-                samples += edit_samples
-                return self.edit_product(edits, v, curv, config.batch_size)
-
-            try:
-                for k in range(config.refine_steps + 1):
-                    t_k = time.perf_counter()
-                    self.set_parameters(saved, x)
-                    grad = V.sub(V.sub(self.mean_gradient(curv_idx, config.batch_size), g_hat),
-                                 self.edit_gradient(edits, config.batch_size))  # ∇R̃_E(θ̂ + x)
-                    if config.damping and proximal:  # a term (λ/2)‖θ − θ̂‖²
-                        grad = V.axpy(config.damping, x, grad)
-                    gap = V.norm(grad) / b_norm
-                    if proximal and before is not None and gap > refinement[-1]["stationarity_gap"]:
-                        # the step lowered R̃_E yet moved away from its stationary point (a curvature that misreads
-                        # R̃_E, e.g. GGN where the Hessian is indefinite): undo it and stop
-                        refinement.append({"newton_step": k + 1, "stationarity_gap": gap, "rejected": True})
-                        x, out, config = before  # with the λ that x was solved with (a step may have raised it)
-                        if damping_info is not None:
-                            damping_info["value"] = config.damping
-                        break
-                    refinement.append({"newton_step": k + 1, "stationarity_gap": gap})
-                    if callback is not None:
-                        callback(k + 1, self._named(x), refinement[-1])
-                    if k == config.refine_steps:
-                        break
-                    config_before = config
-                    step_out, step_samples, config = self._damped_solve(curv, config, V.scale(-1.0, grad),
-                                                                        curv_idx, resid_idx, damping_info,
-                                                                        edit_curvature)
-                    samples += step_samples
-                    steps += step_out.steps
-                    history += [dict(h, newton_step=k + 2) for h in step_out.history]
-                    # backtracking line search on R̃_E: a full Newton step can overshoot on a non-convex loss
-                    f_x = self._edited_objective(saved, x, g_hat, edits, curv_idx, config)
-                    t = 1.0
-                    while t >= 1 / 16:
-                        trial = V.axpy(t, step_out.x, x)
-                        if self._edited_objective(saved, trial, g_hat, edits, curv_idx, config) < f_x:
-                            break
-                        t /= 2
-                    refinement[-1].update(residual=step_out.residual, step_size=t if t >= 1 / 16 else 0.0,
-                                          seconds=time.perf_counter() - t_k)
-                    if t < 1 / 16:  # no decrease along the Newton direction: stop refining
-                        break
-                    before = (x, out, config_before)
-                    x, out = trial, step_out
-            finally:
-                self.set_parameters(saved, None)
-            info["stationarity_gap"] = [r for r in refinement if not r.get("rejected")][-1]["stationarity_gap"]
-            info["refinement"] = refinement
-        elif callback is not None:
-            saved = [p.detach().clone() for p in self.params]
-            try:
-                self.set_parameters(saved, x)
-                callback(1, self._named(x), {"newton_step": 1})
-            finally:
-                self.set_parameters(saved, None)
-        delta = self._named(x)
-        return SolveResult(delta=delta, residual=out.residual, converged=out.converged, steps=steps, history=history,
-                           b_norm=b_norm, delta_norm=V.norm(x), product_samples=samples,
-                           wall_time=time.perf_counter() - t0, config=config.to_dict(), info=info)
-
-    def _named(self, x: V.Vec) -> dict[str, torch.Tensor]:
+    def named(self, x: V.Vec) -> dict[str, torch.Tensor]:
+        """A parameter-shaped vector as ``{name: tensor}`` (detached copies), like ``model.named_parameters()``."""
         return {n: t.detach().clone() for n, t in zip(self.names, x)}
 
-    def _edited_objective(self, base: V.Vec, x: V.Vec, g_hat: V.Vec, edits: list[Edit], idx: list[int],
-                          config: SolverConfig) -> float:
-        """R̃_E(θ̂ + x) up to a constant: the mean training loss, minus the stationarity correction ∇R(θ̂)ᵀx,
-        plus the edits' (1/n)-weighted loss change and the proximal damping term."""
-        self.set_parameters(base, x)
-        with torch.no_grad(), self._inference_mode():
-            train = self._loss_sum(_Indexed(self.train_set, idx), config.batch_size) / len(idx)
-            new = self._loss_sum([e.new for e in edits if e.new is not None], config.batch_size)
-            old = self._loss_sum([e.old for e in edits if e.old is not None], config.batch_size)
-        prox = 0.5 * config.damping * V.dot(x, x) if config.refine_damping == "proximal" else 0.0
-        return train - V.dot(g_hat, x) + (new - old) / self.n + prox
-
-    def _loss_sum(self, samples: Sequence, batch_size: int) -> float:
+    def loss_sum(self, samples: Sequence, batch_size: int) -> float:
+        """Σ_z L(z) over ``samples`` at the current parameters (no gradients; call inside no_grad)."""
         total = 0.0
         for start in range(0, len(samples), batch_size):
             chunk = [samples[i] for i in range(start, min(start + batch_size, len(samples)))]
             total += float(self.loss_fn(self.model, self.collate(chunk))) * len(chunk)
         return total
-
-    def _linear_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
-                      resid_idx: list[int], extra: Callable[[V.Vec], V.Vec] | None = None) -> tuple[Any, int]:
-        problem = _Problem(self, curv, config, rhs, curv_idx, resid_idx, getattr(self, "_preconditioner", None),
-                           extra)
-        try:
-            with self._inference_mode():
-                out = SOLVERS[config.method](problem, config)
-        except NotPositiveDefiniteError as e:
-            e.product_samples = problem.product_samples
-            raise
-        return out, problem.product_samples
-
-    def _damped_solve(self, curv: Curvature, config: SolverConfig, rhs: V.Vec, curv_idx: list[int],
-                      resid_idx: list[int], damping_info: dict[str, Any] | None,
-                      extra: Callable[[V.Vec], V.Vec] | None = None) -> tuple[Any, int, SolverConfig]:
-        """A linear solve; with automatic damping, non-positive curvature met by CG raises λ (up to MAX_INCREASES
-        times, each recorded in ``damping_info['increases']``) and solves again. Returns the config used."""
-        samples = 0
-        while True:
-            try:
-                out, used = self._linear_solve(curv, config, rhs, curv_idx, resid_idx, extra)
-                return out, samples + used, config
-            except NotPositiveDefiniteError as e:
-                samples += getattr(e, "product_samples", 0)
-                if damping_info is None or e.rayleigh is None or len(damping_info["increases"]) >= MAX_INCREASES:
-                    raise
-                lam = raised_damping(config.damping, e.rayleigh)
-                damping_info["increases"].append({"from": config.damping, "to": lam, "rayleigh": e.rayleigh})
-                damping_info["value"] = lam
-                config = dataclasses.replace(config, damping=lam)
 
     def set_parameters(self, base: V.Vec, offset: V.Vec | None = None) -> None:
         """θ ← base (+ offset), exactly: e.g. to evaluate θ̂ + δ for several candidate δ and return to θ̂ without the

@@ -1,4 +1,4 @@
-"""Preconditioners for (H + λI): built once from the training set, reused by every later request (issue 7).
+"""Preconditioners for (H + λI): built once from the training set, reused by every later request.
 
 A preconditioner M ≈ (H + λI)⁻¹ only changes how fast preconditioned CG converges, never its answer: the solver
 still multiplies by the exact H and stops on the exact residual. Three families, each built from the engine's own
@@ -29,19 +29,20 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import vectors as V
-from .curvature import make_curvature
+from ..options import option
+from .curvature import Curvature, make_curvature
+from .engine import InfluenceEngine
 from .errors import InfluenceError
+from .lanczos import lanczos
 from .task import Task
 
-if TYPE_CHECKING:  # the engine imports nothing from here; only type hints point up
-    from .engine import InfluenceEngine
 
 KINDS = ("diagonal", "kfac", "ekfac", "lowrank")
 #: a Ritz pair (θ, y) is kept when ‖C y − θ y‖ ≤ RITZ_TOL·θ
@@ -50,32 +51,28 @@ RITZ_TOL = 0.1
 
 @dataclass
 class PreconditionerConfig:
-    """How to build a preconditioner.
+    """How to build a preconditioner (each field's help says what it does; see the module docstring for the kinds).
 
-    kind:      'diagonal', 'kfac', 'ekfac' or 'lowrank' (see the module docstring).
-    rank:      Lanczos steps for 'lowrank' (= exact products spent; the converged Ritz pairs are kept).
-    samples:   build from a fixed random subset of this many training samples (None: all). The solver's exact
-               products stay on the whole curvature set, so a sub-sampled preconditioner costs steps, not accuracy.
-    batch_size: samples per gradient pass / product.
-    probes:    exact products spent calibrating the scale of 'diagonal'/'kfac'/'ekfac' (0: no calibration),
-               each over ``probe_samples`` of the build samples (a scale needs few).
-    sampled_labels: draw targets from the model (a Monte-Carlo Gauss-Newton) when the loss is a Task that can;
-               otherwise the empirical Fisher (the training labels) is used.
-    mc_samples: target draws per sample and pass (one forward, that many backwards): less Monte-Carlo noise in
-               'diagonal' and 'ekfac' estimates, which matters when the build set is small.
-    seed:      makes subsets, sampled labels, probes and the Lanczos start vector deterministic.
+    ``samples``: the solver's exact products stay on the whole curvature set, so a sub-sampled preconditioner costs
+    steps, not accuracy. ``seed`` makes subsets, sampled labels, probes and the Lanczos start vector deterministic.
     """
 
-    kind: str = "lowrank"
-    rank: int = 32
-    samples: int | None = None
-    batch_size: int = 16
-    probes: int = 2
-    probe_samples: int | None = 64
-    sampled_labels: bool = True
-    mc_samples: int = 1
-    seed: int = 0
-    progress: bool | None = None
+    kind: str = option("lowrank", choices=KINDS, help=(
+        "lowrank: top eigenpairs by Lanczos (exact on them; the one that cuts CG steps on LoRA); ekfac / kfac: "
+        "per-layer Kronecker factors; diagonal"))
+    rank: int = option(32, help="Lanczos steps for --kind lowrank (one curvature product each)")
+    samples: int | None = option(None, flag="--prepare-samples", help=(
+        "build from a fixed random subset of this many training samples (default: all); requests stay exact"))
+    batch_size: int = option(16, help="samples per gradient pass / product")
+    probes: int = option(2, help="exact products calibrating the scale of ekfac / kfac / diagonal (0: none)")
+    probe_samples: int | None = option(64, help="training samples each calibration probe multiplies over "
+                                       "(default: all build samples)")
+    sampled_labels: bool = option(True, help=(
+        "draw targets from the model (a Monte-Carlo Gauss-Newton) for ekfac / kfac / diagonal; otherwise the "
+        "empirical Fisher (the training labels)"))
+    mc_samples: int = option(1, help="target draws per sample and pass (less Monte-Carlo noise in small builds)")
+    seed: int = option(0, help="seed of subsets, sampled labels, probes and the Lanczos start vector")
+    progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -294,7 +291,7 @@ def preconditioner_from_state(tensors: dict[str, torch.Tensor], info: dict[str, 
 
 
 # ----------------------------------------------------------------------------- building
-def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: float,
+def build_preconditioner(engine: InfluenceEngine, curvature: str | Curvature, damping: float,
                          config: PreconditionerConfig | None = None, *, fd_eps: float | None = None,
                          ggn_jvp: str = "autograd", curvature_seed: int = 0) -> Preconditioner:
     """Build a preconditioner for (C + λI), C = ``curvature`` of the mean training loss at the current θ.
@@ -306,10 +303,11 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
     if damping <= 0:
         raise InfluenceError("a preconditioner needs damping λ > 0 (its tail is scaled by 1/λ); set damping")
     t0 = time.perf_counter()
-    idx = engine._subset(config.samples, config.seed)
-    curv = make_curvature(curvature, fd_eps=fd_eps, ggn_jvp=ggn_jvp, seed=curvature_seed)
+    idx = engine.subset(config.samples, config.seed)
+    curv = curvature if isinstance(curvature, Curvature) else make_curvature(curvature, fd_eps=fd_eps,
+                                                                             ggn_jvp=ggn_jvp, seed=curvature_seed)
     names, shapes = engine.names, [tuple(p.shape) for p in engine.params]
-    meta: dict[str, Any] = {"config": config.to_dict(), "curvature": curvature, "build_samples": len(idx),
+    meta: dict[str, Any] = {"config": config.to_dict(), "curvature": curv.name, "build_samples": len(idx),
                             "n_train": engine.n}
     products = product_samples = 0
 
@@ -324,9 +322,9 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
         values, basis, resid, info = lanczos(exact, engine.params, config.rank, seed=config.seed,
                                              progress=config.progress)
         # only converged pairs: an unconverged small Ritz value would set the tail scale far too low
-        keep = (values > 0) & (resid.to(values) <= RITZ_TOL * values)
+        keep = (values > 0) & (resid.to(values) <= RITZ_TOL * values)  # CPU: from the tridiagonal problem
         keep[0] = keep[0] or bool(values[0] > 0)  # the top pair converges first; keep it regardless
-        values, basis = values[keep], basis[keep]
+        values, basis = values[keep], basis[keep.to(basis.device)]
         tail = float(values.min()) if len(values) else 0.0
         meta.update({k: v for k, v in info.items() if k != "tridiagonal"}, tail=tail, kept=int(keep.sum()))
         pre: Preconditioner = LowRankPreconditioner(names, shapes, damping, basis, values, tail, meta)
@@ -352,79 +350,6 @@ def build_preconditioner(engine: "InfluenceEngine", curvature: str, damping: flo
     meta["seconds"] = time.perf_counter() - t0
     pre.meta = meta
     return pre
-
-
-def lanczos(matvec: Callable[[V.Vec], V.Vec], like: Sequence[torch.Tensor], steps: int, seed: int = 0,
-            progress: bool | None = None, start: V.Vec | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """``steps`` Lanczos iterations (full reorthogonalisation) → Ritz values (descending), Ritz vectors as rows and
-    each pair's residual norm ‖C y − θ y‖ = β_k |s_kj| (small: a converged eigenpair).
-
-    Starts from ``start`` (default: a seeded random vector). Started from b, the Krylov space is CG's, so
-    ``info['tridiagonal']`` (T_k, its eigenvectors S in the Ritz order, β_k) gives the k-step CG answer for every
-    damping λ at once: see :func:`shifted_solutions`.
-    Stops early when the Krylov space is exhausted (an invariant subspace: the Ritz pairs are then exact).
-    """
-    n = sum(t.numel() for t in like)
-    steps = min(steps, n)
-    g = torch.Generator().manual_seed(seed)
-    dtype = like[0].dtype
-    if start is None:
-        q = torch.randn(n, generator=g, dtype=torch.float64).to(device=like[0].device, dtype=dtype)
-    else:
-        q = V.flatten(start).to(device=like[0].device, dtype=dtype)
-    q = q / q.norm()
-    basis, alphas, betas = [q], [], []
-    bar = tqdm(total=steps, desc="lanczos", leave=False, dynamic_ncols=True,
-               disable=(None if progress is None else not progress))
-    try:
-        for j in range(steps):
-            w = V.flatten(matvec(V.unflatten(basis[j], like)))
-            if not bool(torch.isfinite(w).all()):
-                raise InfluenceError(f"lanczos: the curvature product returned NaN/inf at step {j + 1}")
-            a = float(w @ basis[j])
-            alphas.append(a)
-            q_mat = torch.stack(basis)
-            w = w - q_mat.T @ (q_mat @ w)  # full reorthogonalisation (twice is enough)
-            w = w - q_mat.T @ (q_mat @ w)
-            bar.update(1)
-            b = float(w.norm())
-            if j == steps - 1 or b <= 1e-10 * max(abs(a), 1e-30):
-                last_beta = b if b > 1e-10 * max(abs(a), 1e-30) else 0.0
-                break
-            betas.append(b)
-            basis.append(w / b)
-    finally:
-        bar.close()
-    k = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if k > 1:
-        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
-        t += torch.diag(off, 1) + torch.diag(off, -1)
-    theta, s = torch.linalg.eigh(t)
-    order = torch.argsort(theta, descending=True)
-    theta, s = theta[order], s[:, order]
-    q_mat = torch.stack(basis[:k]).to(torch.float64)
-    ritz = (s.T @ q_mat).to(dtype)
-    residuals = last_beta * s[-1].abs()
-    return theta.to(dtype), ritz, residuals, {"lanczos_steps": k, "ritz_max": float(theta[0]),
-                                              "ritz_min": float(theta[-1]), "tridiagonal": (t, s, last_beta)}
-
-
-def shifted_solutions(ritz: torch.Tensor, tridiagonal: tuple[torch.Tensor, torch.Tensor, float], b_norm: float,
-                      dampings: Sequence[float]) -> list[tuple[torch.Tensor, float]]:
-    """From a Lanczos run started at b: for each λ the k-step Krylov (Galerkin) solution of (C + λI)x = b — what
-    k steps of CG would return — flattened, with its relative residual β_k |e_kᵀ z| / ‖b‖ (Krylov spaces are
-    shift-invariant, so one run serves every λ; "multi-shift CG"). Needs C + λI non-singular on the Krylov space."""
-    t, s, last_beta = tridiagonal
-    q = s.to(ritz.dtype) @ ritz  # the Lanczos basis as rows (ritz = Sᵀ Q)
-    e1 = torch.zeros(t.shape[0], dtype=torch.float64)
-    e1[0] = b_norm
-    out = []
-    for lam in dampings:
-        z = torch.linalg.solve(t + lam * torch.eye(t.shape[0], dtype=torch.float64), e1)
-        out.append(((q.T.to(torch.float64) @ z).to(ritz.dtype), last_beta * float(z[-1].abs()) / b_norm))
-    return out
 
 
 def _calibrate(pre: Preconditioner, exact: Callable[[V.Vec], V.Vec], params: Sequence[torch.Tensor],
@@ -536,7 +461,7 @@ class _Stats:
         for i, p in enumerate(params):
             if diag[i] is None:
                 diag[i] = rest[i].expand(p.shape).clone()
-        return [d.to(p.dtype) for d, p in zip(diag, params)]
+        return [d.to(device=p.device, dtype=p.dtype) for d, p in zip(diag, params)]
 
     def rest_diagonal(self, params: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
         """Parameters outside linear layers: the mean per-entry second moment of the covered ones (a scalar)."""
@@ -550,7 +475,7 @@ def _add(acc: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return x if acc is None else acc + x
 
 
-def _gradient_statistics(engine: "InfluenceEngine", idx: list[int], config: PreconditionerConfig,
+def _gradient_statistics(engine: InfluenceEngine, idx: list[int], config: PreconditionerConfig,
                          eigenbasis: list[_Block] | None) -> _Stats:
     """One pass of per-sample gradients over ``idx`` with layer hooks (sampled targets when the Task allows)."""
     blocks = _linear_blocks(engine.model, engine.params)
@@ -561,7 +486,7 @@ def _gradient_statistics(engine: "InfluenceEngine", idx: list[int], config: Prec
     bar = tqdm(total=len(idx), desc="curvature statistics", leave=False, dynamic_ncols=True,
                disable=(None if config.progress is None else not config.progress))
     try:
-        with engine._inference_mode():
+        with engine.inference_mode():
             for start in range(0, len(idx), config.batch_size):
                 chunk = idx[start: start + config.batch_size]
                 batch = engine.collate([engine.train_set[i] for i in chunk])
@@ -580,7 +505,7 @@ def _gradient_statistics(engine: "InfluenceEngine", idx: list[int], config: Prec
     return stats
 
 
-def _statistics_losses(engine: "InfluenceEngine", task: Task | None, batch: Any, gen: torch.Generator,
+def _statistics_losses(engine: InfluenceEngine, task: Task | None, batch: Any, gen: torch.Generator,
                        config: PreconditionerConfig, where: str) -> list[torch.Tensor]:
     """``mc_samples`` losses on drawn targets sharing one forward, or the training loss when targets cannot be
     drawn (a plain loss_fn, or a Task without ``sample_targets``)."""

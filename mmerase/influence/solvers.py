@@ -1,4 +1,5 @@
-"""Solvers for (H + λI) δ = b behind one interface: ``SOLVERS[name](problem, config) -> SolverOutput``.
+"""Solvers for (H + λI) δ = b behind one interface: ``SOLVERS[name](problem, config) -> SolverOutput``
+(the registry in :mod:`.registry`; each solver below registers itself).
 
 ``problem`` supplies products over the whole curvature set (``matvec``), unbiased mini-batch products
 (``minibatch_matvec``) and the relative residual on a fixed sample set (``residual``); a solver never sees
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import vectors as V
 from .config import SolverConfig
 from .errors import InfluenceError, NotPositiveDefiniteError, SolverDivergedError
+from .registry import register_solver
 
 
 class Preconditioner(Protocol):
@@ -87,6 +88,7 @@ def _preconditioner(problem: LinearProblem) -> Preconditioner | None:
     return getattr(problem, "preconditioner", None)
 
 
+@register_solver("cg")
 def solve_cg(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
     """(Preconditioned) conjugate gradient on exact products over the curvature set; stops on non-positive
     curvature. With a preconditioner M it runs PCG: the same exact products and the same stopping rule on the
@@ -143,6 +145,7 @@ def _auto_lr(problem: LinearProblem) -> float:
     return 0.1 * abs(alpha) * V.norm(b) / math.sqrt(problem.n_params)
 
 
+@register_solver("stochastic")
 def solve_stochastic(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
     """Adam on F(δ) = ½δᵀ(H+λI)δ − bᵀδ with mini-batch products; cosine-decayed step so the noise dies out.
 
@@ -238,34 +241,6 @@ def _solve_stochastic_preconditioned(problem: LinearProblem, config: SolverConfi
                                                                 "averaged_steps": n_avg})
 
 
-def solve_prepared(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
-    """δ = α M b from a preparation's preconditioner M: one preconditioned step from 0. For an M whose scale is
-    estimated (``trusted_scale`` false: diagonal, K-FAC, EK-FAC) α = bᵀMb / (Mb)ᵀ(H+λI)(Mb) minimises
-    ½δᵀ(H+λI)δ − bᵀδ along Mb, so an M that overestimates (H+λI)⁻¹ somewhere cannot overshoot (α = 1 when M is
-    exact); an M built from exact eigenpairs (low-rank) keeps α = 1, which beats an α measured on a small residual
-    set (measured: benchmarks/request_reuse.md). One product, over the residual set: α and the reported residual
-    (make it cheap with ``residual_samples``). No solve, so approximate; 'cg' with the same preconditioner gives
-    the exact answer."""
-    m = _preconditioner(problem)
-    if m is None:
-        raise InfluenceError("solver 'prepared' answers from a preparation: pass preconditioner= (or --prepared)")
-    matvec = getattr(problem, "residual_matvec", None) or problem.matvec
-    b = problem.b
-    tr = _Tracker(problem, config, 1, "prepared")
-    try:
-        x = m.apply(b)
-        _check_finite(x, "prepared", 1, "rebuild the preparation")
-        ax = matvec(x)
-        curv = V.dot(x, ax)
-        alpha = 1.0 if getattr(m, "trusted_scale", False) or not curv > 0 else V.dot(b, x) / curv
-        x = V.scale(alpha, x)
-        res = V.norm(V.axpy(alpha, ax, V.scale(-1.0, b))) / V.norm(b)
-        tr.record(1, res)
-    finally:
-        tr.close()
-    return SolverOutput(x, res, res < config.tol, 1, tr.history, {"preconditioned": True, "step": alpha})
-
-
 def _power_iteration(problem: LinearProblem, iters: int = 20, seed: int = 0) -> float:
     """Largest-magnitude eigenvalue of H+λI from products over the curvature set."""
     g = torch.Generator().manual_seed(seed)
@@ -280,6 +255,7 @@ def _power_iteration(problem: LinearProblem, iters: int = 20, seed: int = 0) -> 
     return abs(lam)
 
 
+@register_solver("lissa")
 def solve_lissa(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
     """LiSSA: h ← b + (I − (H_B+λI)/s) h, answer h/s (the 1/s correction), with a divergence guard.
 
@@ -316,6 +292,7 @@ def solve_lissa(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
     return SolverOutput(V.scale(1.0 / scale_, h), res, converged, step, tr.history, {"lissa_scale": scale_})
 
 
+@register_solver("dense")
 def solve_dense(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
     """Form H+λI column by column (one product per parameter) and solve it directly in float64."""
     p = problem.n_params
@@ -349,10 +326,30 @@ def solve_dense(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
                         {"min_eigenvalue": float(eig[0]), "max_eigenvalue": float(eig[-1])})
 
 
-SOLVERS: dict[str, Callable[[LinearProblem, SolverConfig], SolverOutput]] = {
-    "cg": solve_cg,
-    "stochastic": solve_stochastic,
-    "lissa": solve_lissa,
-    "dense": solve_dense,
-    "prepared": solve_prepared,
-}
+@register_solver("prepared")
+def solve_prepared(problem: LinearProblem, config: SolverConfig) -> SolverOutput:
+    """δ = α M b from a preparation's preconditioner M: one preconditioned step from 0. For an M whose scale is
+    estimated (``trusted_scale`` false: diagonal, K-FAC, EK-FAC) α = bᵀMb / (Mb)ᵀ(H+λI)(Mb) minimises
+    ½δᵀ(H+λI)δ − bᵀδ along Mb, so an M that overestimates (H+λI)⁻¹ somewhere cannot overshoot (α = 1 when M is
+    exact); an M built from exact eigenpairs (low-rank) keeps α = 1, which beats an α measured on a small residual
+    set (measured: benchmarks/request_reuse.md). One product, over the residual set: α and the reported residual
+    (make it cheap with ``residual_samples``). No solve, so approximate; 'cg' with the same preconditioner gives
+    the exact answer."""
+    m = _preconditioner(problem)
+    if m is None:
+        raise InfluenceError("solver 'prepared' answers from a preparation: pass preconditioner= (or --prepared)")
+    matvec = getattr(problem, "residual_matvec", None) or problem.matvec
+    b = problem.b
+    tr = _Tracker(problem, config, 1, "prepared")
+    try:
+        x = m.apply(b)
+        _check_finite(x, "prepared", 1, "rebuild the preparation")
+        ax = matvec(x)
+        curv = V.dot(x, ax)
+        alpha = 1.0 if getattr(m, "trusted_scale", False) or not curv > 0 else V.dot(b, x) / curv
+        x = V.scale(alpha, x)
+        res = V.norm(V.axpy(alpha, ax, V.scale(-1.0, b))) / V.norm(b)
+        tr.record(1, res)
+    finally:
+        tr.close()
+    return SolverOutput(x, res, res < config.tol, 1, tr.history, {"preconditioned": True, "step": alpha})

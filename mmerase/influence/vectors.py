@@ -48,8 +48,9 @@ def flatten(x: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> Vec:
+    """Split ``flat`` into tensors shaped like ``like``, each on its tensor's device and in its dtype."""
     out, i = [], 0
     for t in like:
-        out.append(flat[i : i + t.numel()].view_as(t).to(t.dtype))
+        out.append(flat[i : i + t.numel()].view_as(t).to(device=t.device, dtype=t.dtype))
         i += t.numel()
     return out

@@ -27,6 +27,7 @@ from torch import nn
 
 from mmerase.data import IMAGE_PLACEHOLDER, DataError, Sample
 from mmerase.influence.task import Task
+from mmerase.options import option
 from mmerase.models.exact import keep_norms_in_dtype, register_exact_attention, supports_exact_float64
 from mmerase.utils import model_device, move_to
 
@@ -67,13 +68,14 @@ class LoraSettings:
     ``seed`` fixes the adapter's initialisation.
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    train_projector: bool = False
-    modules_to_save: list[str] | None = None
-    seed: int = 0
+    r: int = option(8, flag="--lora-r", help="LoRA rank")
+    alpha: float = option(16.0, flag="--lora-alpha", help="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = option(0.0, flag="--lora-dropout", help="LoRA dropout")
+    target_modules: list[str] | str | None = option(None, flag="--lora-targets", parse=str, help=(
+        "regex of modules to adapt (default: the language model's projections, never the vision tower)"))
+    train_projector: bool = option(False, help="also train the multimodal projector (peft modules_to_save)")
+    modules_to_save: list[str] | None = option(None, cli=False, help="other modules trained in full")
+    seed: int = option(0, help="seed of the adapter's initialisation and of the data order")
 
 
 @dataclass
@@ -82,20 +84,25 @@ class LoadOptions:
 
     ``exact_hvp`` forces eager attention (SDPA/flash kernels have no double backward, so exact Hessian-vector
     products need eager; asking for another kernel with ``exact_hvp`` is an error, and the engine refuses exact
-    products on a model loaded with one). ``gradient_checkpointing`` is non-reentrant (double backward works through
-    it) and stays active during the engine's products (the checkpointed layers keep training mode there, see
-    :func:`keep_checkpointing_in_products`). ``quantization="nf4"`` loads the base's linear layers 4-bit through
-    bitsandbytes (compute in ``dtype``), made product-ready by :func:`mmerase.models.quant.prepare_4bit`.
-    ``device=None`` picks the current CUDA device when available.
+    products on a model loaded with one); the workflows set it from the solve's plan. ``gradient_checkpointing`` is
+    non-reentrant (double backward works through it) and stays active during the engine's products (the
+    checkpointed layers keep training mode there, see :func:`keep_checkpointing_in_products`).
+    ``quantization="nf4"`` loads the base's linear layers 4-bit through bitsandbytes (compute in ``dtype``), made
+    product-ready by :func:`mmerase.models.quant.prepare_4bit`. ``device=None`` picks the current CUDA device when
+    available.
     """
 
-    dtype: str = "float32"
-    quantization: str | None = None
-    exact_hvp: bool = True
-    attn_implementation: str | None = None
-    device: str | None = None
-    local_files_only: bool = False
-    gradient_checkpointing: bool = False
+    dtype: str = option("float32", choices=tuple(DTYPES), help="dtype of the model and adapter")
+    quantization: str | None = option(None, choices=("nf4",), alias=("--load-in-4bit", "nf4"), help=(
+        "load the base quantized: nf4 (4-bit, bitsandbytes; needs a CUDA device or bitsandbytes' CPU backend); "
+        "the adapter stays in --dtype"))
+    exact_hvp: bool = option(True, cli=False, help="eager attention, for products that need a double backward")
+    attn_implementation: str | None = option(None, cli=False, help="the attention kernel transformers loads")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    local_files_only: bool = option(False, help="never contact the hub when loading the base")
+    gradient_checkpointing: bool = option(False, help=(
+        "recompute activations in the backward pass: less memory, about a third more time (exact products "
+        "included)"))
 
     def torch_dtype(self) -> torch.dtype:
         try:
