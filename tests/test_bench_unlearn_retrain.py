@@ -84,6 +84,21 @@ def test_smoke_run_has_every_point_with_finite_recovery(smoke):
                 assert math.isfinite(a["recovery"]["edited_loss"]), (key, role)
                 assert math.isfinite(a["residual"]) and a["steps"] >= 1
                 assert 0 <= a["eval"]["test_acc"] <= 1 and a["memory"]["peak_mib"] > 0
+    for key in sw["default"]:
+        p = points[key]
+        cold, pcg = p["answers"]["cold"], p["answers"]["pcg"]
+        before, after = p["corrupted"]["eval"]["edited_loss"], cold["eval"]["edited_loss"]
+        # removal raises the forgotten pairs' loss (to first order by ‖Σ_E ∇L‖²_(H+λI)⁻¹ / n > 0), correction lowers
+        # the corrected pairs' loss: a sign error in the update fails both
+        if p["task"] == "ir":
+            assert after > before, key
+        elif p["task"] == "rc":
+            assert after < before, key
+        retrained = p["retrained"]["eval"]["edited_loss"]
+        assert cold["recovery"]["edited_loss"] == pytest.approx((after - before) / (retrained - before), rel=1e-12)
+        # preconditioned CG solves the same system: the same answer to the solver's tolerance
+        assert pcg["eval"]["edited_loss"] == pytest.approx(cold["eval"]["edited_loss"], rel=1e-3), key
+        assert pcg["damping"] == pytest.approx(cold["damping"], rel=1e-9), key  # 'auto': the preparation's λ
     # corruption rates set the number of edits; size points above the sub-sample use it
     for key in sw["corruption"]:
         p = points[key]

@@ -167,8 +167,9 @@ def test_peak_memory_meter_sees_a_block_allocation():
         block.close()
     r = m.result
     assert r["kind"] == "cpu_rss" and r["seconds"] >= 0
-    if r["peak_scope"] == "block":
-        assert r["peak_bytes"] - r["start_bytes"] >= 60 * 2**20
+    if r["peak_scope"] != "block":  # the kernel refused to reset the peak (/proc/self/clear_refs)
+        pytest.skip("this kernel cannot reset the resident-set peak, so the meter reports the process's peak")
+    assert r["peak_bytes"] - r["start_bytes"] >= 60 * 2**20
 
 
 
