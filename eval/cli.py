@@ -167,8 +167,15 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                    help="id subset files (JSON lists; R-Bench ships five per level; a name with 'holder', as in "
                         "R-Bench's eval.sh, stands for the files with holder = 1..5); default: one subset of all "
                         "questions")
+    p.add_argument("--eval", choices=["subsets", "web", "box"], default="subsets",
+                   help="what to score, as R-Bench's eval.py: 'subsets' = yes/no metrics per --subset-ids file and "
+                        "their average (its --eval_image / --eval_instance / --eval_obj); 'web' = yes/no metrics per "
+                        "question 'type' and in total (its --eval_web); 'box' = accuracy of naming the boxed object, "
+                        "i.e. the question's label[0] appears in the answer (its --eval_box; questions as JSON Lines "
+                        "with a 'label' list)")
     p.add_argument("--mode", choices=["official", "strict"], default="official",
-                   help="answer parsing: official POPE/R-Bench rule, or strict (unclear answers reported, not 'yes')")
+                   help="yes/no answer parsing: official POPE/R-Bench rule, or strict (unclear answers reported, not "
+                        "'yes')")
     p.add_argument("--label-field", default="label", metavar="KEY", help="ground-truth field of a question")
     _add_common(p, 2)
 
@@ -273,11 +280,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from eval.commands import run_rbench
 
         res = run_rbench(args.questions, args.predictions, args.out, args.subset_ids, args.mode, args.label_field,
-                         args.decimal_places, argv=list(argv))
-        acc = res["average"]["accuracy"]
-        print(f"rbench ({args.mode}): mean accuracy {acc:.{args.decimal_places}f} over {len(res['subsets'])} "
-              f"subset(s); results in {args.out}" if acc is not None else
-              f"rbench ({args.mode}): nothing scored; results in {args.out}")
+                         args.decimal_places, argv=list(argv), eval_kind=args.eval)
+        print(rbench_line(res, args))
         return 0
     if args.command == "rbench-draw":
         from eval.commands import run_rbench_draw
@@ -302,6 +306,23 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}")
         return 0
     raise UserError(f"unknown command {args.command!r}")  # pragma: no cover
+
+
+def rbench_line(res: dict[str, Any], args: argparse.Namespace) -> str:
+    """The one-line result of ``rbench`` on stdout."""
+    places, out = args.decimal_places, args.out
+    if args.eval == "box":
+        acc, head, tail = res["accuracy"], "rbench box: accuracy", f"over {res['scored']} answer(s)"
+    elif args.eval == "web":
+        total = res["subsets"]["total"]
+        acc, head, tail = total["metrics"]["accuracy"], f"rbench web ({args.mode}): total accuracy", \
+            f"over {total['scored']} question(s)"
+    else:
+        acc, head, tail = res["average"]["accuracy"], f"rbench ({args.mode}): mean accuracy", \
+            f"over {len(res['subsets'])} subset(s)"
+    if acc is None:
+        return f"{head.rsplit(':', 1)[0]}: nothing scored; results in {out}"
+    return f"{head} {acc:.{places}f} {tail}; results in {out}"
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
