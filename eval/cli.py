@@ -138,6 +138,11 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                         "prompt, for exact reproduction)")
     g.add_argument("--retry-suffix", metavar="TEXT", help="text appended to the prompt on parse retries "
                    "(default: a built-in 'reply with the score only' line)")
+    g.add_argument("--official-evaluator", type=Path, metavar="FILE",
+                   help="your copy of MM-Vet's evaluator script (mm-vet_evaluator.py or mm-vet-v2_evaluator.py): its "
+                        "grading prompt, retry wording and prompt layout are used, so scores equal what that script "
+                        "computes with the same judge (the file is read, never run; this package ships no MM-Vet "
+                        "text)")
     g = p.add_argument_group("safety and cost")
     g.add_argument("--max-failures", type=int, default=10, metavar="N",
                    help="stop when more than N judgements have failed (API error or unparseable)")
@@ -268,6 +273,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             backoff_base=args.backoff_base, backoff_max=args.backoff_max, api_key_env=key_env(args),
             azure=args.azure, api_version=args.api_version, price_table=args.price_table, price_in=args.price_in,
             price_out=args.price_out, cache=args.cache, subset=args.subset, prompt_file=args.prompt_file,
+            official_evaluator=args.official_evaluator,
             model_name=args.model_name, decimal_places=args.decimal_places, progress=progress, argv=list(argv),
         )
         summary = run_mmvet(cfg)
