@@ -200,10 +200,14 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder [required]")
 
     # --- unlearning
-    p = sub.add_parser("unlearning", help="loss/accuracy/ROUGE-L per split, recovery ratio and MIA AUC per adapter",
+    p = sub.add_parser("unlearning", help="forgetting, privacy and distance-to-retraining metrics per adapter",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
-                           "Reads one JSONL of per-sample results per adapter (id, split, loss, and optionally "
-                           "prediction/reference/correct) and writes one table."))
+                           "Per adapter: loss/accuracy/ROUGE-L per split and recovery ratios; membership-inference "
+                           "AUCs of forget vs held-out samples from the loss, Min-K%, Min-K%++ and zlib scores; "
+                           "KL(retrained || adapter) of next-token distributions on each split; the forget-quality "
+                           "KS p-value against the retrained adapter. Writes one table (unlearning_summary.md/.json) "
+                           "and one figure (unlearning_summary.png). Records come from --records files (one JSONL of "
+                           "per-sample results per adapter) or are computed from --base/--adapters/--splits."))
     subs["unlearning"] = p
     p.add_argument("--records", nargs="+", default=[], metavar="NAME=FILE",
                    help="per-adapter per-sample JSONL files, e.g. corrupted=c.jsonl retrained=r.jsonl "
@@ -218,9 +222,14 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     p.add_argument("--device", default=None, help="device when computing records (default: cuda if available)")
     p.add_argument("--corrupted", metavar="NAME", help="adapter trained on the data to forget (recovery ratio 0)")
     p.add_argument("--retrained", metavar="NAME", help="adapter retrained without it (recovery ratio 1)")
-    p.add_argument("--mia-member-split", default="forget", metavar="SPLIT", help="members for the MIA AUC")
+    p.add_argument("--mia-member-split", default="forget", metavar="SPLIT",
+                   help="members for the MIA AUCs, and the split of the forget-quality KS test")
     p.add_argument("--mia-nonmember-split", default="test", metavar="SPLIT",
-                   help="held-out non-members for the MIA AUC")
+                   help="held-out non-members for the MIA AUCs")
+    p.add_argument("--min-k", type=float, default=0.2, metavar="K",
+                   help="fraction of the answer's lowest token scores that Min-K%% and Min-K%%++ average")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="progress bars on stderr when computing records; auto = only on a terminal")
     _add_common(p, 4)
     return parser, subs
 
@@ -304,12 +313,15 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if args.records:
                 raise UserError("unlearning: give either --records or --base/--adapters/--splits, not both")
             computed = compute_unlearning_records(args.base, args.adapters, args.splits, args.out,
-                                                  args.max_new_tokens, args.device)
+                                                  args.max_new_tokens, args.device, args.retrained,
+                                                  {"on": True, "off": False}.get(args.progress))
         elif not args.records:
             raise UserError("unlearning: missing --records (or --base, --adapters and --splits)")
         run_unlearning(args.records, args.out, args.corrupted, args.retrained, args.mia_member_split,
-                       args.mia_nonmember_split, args.decimal_places, argv=list(argv), computed=computed)
-        print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}")
+                       args.mia_nonmember_split, args.decimal_places, argv=list(argv), computed=computed,
+                       min_k=args.min_k)
+        print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}, figure to "
+              f"{args.out / 'unlearning_summary.png'}")
         return 0
     raise UserError(f"unknown command {args.command!r}")  # pragma: no cover
 

@@ -258,11 +258,13 @@ def run_unlearning(
     decimal_places: int = 4,
     argv: Sequence[str] | None = None,
     computed: dict[str, list[dict[str, Any]]] | None = None,
+    min_k: float = 0.2,
 ) -> dict[str, Any]:
     """Read per-adapter JSONL of per-sample results (or take ``computed`` records), compute
-    :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md}``,
-    ``unlearning_samples.jsonl`` and a manifest."""
-    from eval.unlearning import evaluate_unlearning, render_markdown, sample_scores
+    :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md,png}`` (every metric in one
+    table and one figure), ``unlearning_samples.jsonl`` and a manifest."""
+    from eval.unlearning import evaluate_unlearning, sample_scores
+    from eval.unlearning_report import plot_summary, render_summary
 
     started = time.time()
     if computed is not None:
@@ -274,26 +276,32 @@ def run_unlearning(
             raise UserError("--records: give at least one NAME=FILE")
         check_out_dir(out)
         data = {name: [obj for _, obj in iter_jsonl(path)] for name, path in files.items()}
-    result = evaluate_unlearning(data, corrupted=corrupted, retrained=retrained,
-                                 mia_member_split=mia_member_split, mia_nonmember_split=mia_nonmember_split)
+    result = evaluate_unlearning(data, corrupted=corrupted, retrained=retrained, mia_member_split=mia_member_split,
+                                 mia_nonmember_split=mia_nonmember_split, min_k=min_k)
     out = ensure_out_dir(out)
     with OutDirLock(out):
-        rows = [{"adapter": name, "id": str(r.get("id")), "split": r.get("split"), **sample_scores(r)}
+        rows = [{"adapter": name, "id": str(r.get("id")), "split": r.get("split"), **sample_scores(r, min_k)}
                 for name, recs in data.items() for r in recs]
         write_jsonl(out / "unlearning_samples.jsonl", rows)
+        if computed is not None:  # the records themselves, so that a later run can take them with --records
+            for name, recs in data.items():
+                write_jsonl(out / f"records_{name}.jsonl", recs)
         write_json(out / "unlearning_summary.json", result)
-        atomic_write_text(out / "unlearning_summary.md", render_markdown(result, decimal_places))
+        atomic_write_text(out / "unlearning_summary.md", render_summary(result, decimal_places))
+        plot_summary(result, out / "unlearning_summary.png")
         write_json(out / "unlearning_manifest.json", manifest(
             "unlearning", {f"records:{k}": v for k, v in files.items()},
             {"corrupted": corrupted, "retrained": retrained, "mia_member_split": mia_member_split,
-             "mia_nonmember_split": mia_nonmember_split}, started, argv=argv))
+             "mia_nonmember_split": mia_nonmember_split, "min_k": min_k}, started, argv=argv))
     return result
 
 
 def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits: Sequence[str], out: Path,
-                               max_new_tokens: int = 32, device: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference) through
-    mmerase's model adapters; the records are the same ones ``--records`` files hold."""
+                               max_new_tokens: int = 32, device: str | None = None, retrained: str | None = None,
+                               progress: bool | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference, answer-token
+    statistics and, with ``retrained``, the KL to it) through mmerase's model adapters (:mod:`eval.model_scores`);
+    the records are the same ones ``--records`` files hold."""
     if not base or not adapters or not splits:
         raise UserError("computing records needs --base, --adapters NAME=DIR ... and --splits SPLIT=FILE ...")
     named_adapters = {k: str(v) for k, v in parse_named_files(adapters, "--adapters").items()}
@@ -302,10 +310,12 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
                        **{f"split {k}": v for k, v in named_splits.items()}}.items():
         if not path.exists():
             raise UserError(f"{name}: {path} not found")
+    if retrained is not None and retrained not in named_adapters:
+        raise UserError(f"--retrained {retrained!r} is not one of the --adapters: {sorted(named_adapters)}")
     check_out_dir(out)
     from mmerase.models import LoadOptions
-    from mmerase.workflows import score_adapters
 
-    return score_adapters(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
-                          max_new_tokens=max_new_tokens)
+    from eval.model_scores import score_models
 
+    return score_models(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
+                        retrained=retrained, max_new_tokens=max_new_tokens, progress=progress)
