@@ -306,20 +306,21 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"rbench-draw: {n} question(s) written to {args.out}")
         return 0
     if args.command == "unlearning":
-        from eval.commands import compute_unlearning_records, run_unlearning
+        from eval.commands import compute_unlearning_records, model_inputs, run_unlearning
 
-        computed = None
+        computed, computed_from = None, None
         if args.base or args.adapters or args.splits:
             if args.records:
                 raise UserError("unlearning: give either --records or --base/--adapters/--splits, not both")
             computed = compute_unlearning_records(args.base, args.adapters, args.splits, args.out,
                                                   args.max_new_tokens, args.device, args.retrained,
                                                   {"on": True, "off": False}.get(args.progress))
+            computed_from = model_inputs(args.adapters, args.splits)
         elif not args.records:
             raise UserError("unlearning: missing --records (or --base, --adapters and --splits)")
         run_unlearning(args.records, args.out, args.corrupted, args.retrained, args.mia_member_split,
                        args.mia_nonmember_split, args.decimal_places, argv=list(argv), computed=computed,
-                       min_k=args.min_k)
+                       min_k=args.min_k, computed_from=computed_from)
         print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}, figure to "
               f"{args.out / 'unlearning_summary.png'}")
         return 0

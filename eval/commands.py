@@ -259,10 +259,12 @@ def run_unlearning(
     argv: Sequence[str] | None = None,
     computed: dict[str, list[dict[str, Any]]] | None = None,
     min_k: float = 0.2,
+    computed_from: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Read per-adapter JSONL of per-sample results (or take ``computed`` records), compute
     :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md,png}`` (every metric in one
-    table and one figure), ``unlearning_samples.jsonl`` and a manifest."""
+    table and one figure), ``unlearning_samples.jsonl`` and a manifest (``computed_from``: the files the computed
+    records came from, for their sha256)."""
     from eval.unlearning import evaluate_unlearning, sample_scores
     from eval.unlearning_report import plot_summary, render_summary
 
@@ -290,7 +292,7 @@ def run_unlearning(
         atomic_write_text(out / "unlearning_summary.md", render_summary(result, decimal_places))
         plot_summary(result, out / "unlearning_summary.png")
         write_json(out / "unlearning_manifest.json", manifest(
-            "unlearning", {f"records:{k}": v for k, v in files.items()},
+            "unlearning", {**{f"records:{k}": v for k, v in files.items()}, **(computed_from or {})},
             {"corrupted": corrupted, "retrained": retrained, "mia_member_split": mia_member_split,
              "mia_nonmember_split": mia_nonmember_split, "min_k": min_k}, started, argv=argv))
     return result
@@ -319,3 +321,13 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
 
     return score_models(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
                         retrained=retrained, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def model_inputs(adapters: Sequence[str], splits: Sequence[str]) -> dict[str, Path]:
+    """The files behind computed records, for the manifest: each split file and each adapter's weights."""
+    out = {f"split:{k}": v for k, v in parse_named_files(splits, "--splits").items()}
+    for k, v in parse_named_files(adapters, "--adapters").items():
+        weights = [w for w in (v / "adapter_model.safetensors", v / "adapter_model.bin") if w.is_file()]
+        if weights:
+            out[f"adapter:{k}"] = weights[0]
+    return out

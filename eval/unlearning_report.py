@@ -83,15 +83,23 @@ def plot_summary(result: Mapping[str, Any], path: str | Path) -> None:
         bars = ax.bar(range(len(shown)), [vals[n] for n in shown], color=[colors[n] for n in shown])
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         if ref is not None and vals.get(ref) is not None:
-            ax.axhline(vals[ref], color="black", linestyle="--", linewidth=1, label=f"{ref} (target)")
-            ax.legend(fontsize=7, loc="lower right")
+            ax.axhline(vals[ref], color="black", linestyle="--", linewidth=1)
+        if label.startswith("MIA AUC"):
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.margins(y=0.18)
         ax.set_xticks(range(len(shown)), shown, fontsize=8, rotation=15)
         ax.set_title(label, fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="grey", linestyle=":", label="AUC 0.5: no membership signal")]
+    if ref is not None:
+        handles.insert(0, Line2D([], [], color="black", linestyle="--", label=f"{ref}: the target"))
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
