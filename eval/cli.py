@@ -75,13 +75,8 @@ def _add_common(p: argparse.ArgumentParser, places: int) -> None:
                    help="decimals in the Markdown table (JSON keeps full precision)")
 
 
-def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and each subcommand's parser (the latter validate ``--config`` keys)."""
-    parser = _Parser(prog=prog, description=__doc__, formatter_class=_HelpFormatter, epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="{mmvet,rbench,rbench-draw,unlearning}", parser_class=_Parser)
-    subs: dict[str, argparse.ArgumentParser] = {}
-
-    # --- mmvet
+def _add_mmvet(sub: Any) -> argparse.ArgumentParser:
+    """The ``mmvet`` subcommand's options."""
     p = sub.add_parser("mmvet", help="judge MM-Vet / MM-Vet v2 predictions with an OpenAI-compatible LLM",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Grade open-ended predictions with an LLM judge as the official MM-Vet evaluator does "
@@ -89,7 +84,6 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                            "per-capability and per-combination scores). Answers are cached in <out>/judge_cache.jsonl "
                            "as they arrive: an interrupted run resumes without asking anything twice. The API key is "
                            "read from the environment and never printed or written."))
-    subs["mmvet"] = p
     g = p.add_argument_group("inputs")
     g.add_argument("--metadata", type=Path, metavar="FILE",
                    help="MM-Vet metadata: mm-vet.json / mm-vet-v2.json ({id: {question, answer, capability, ...}}) "
@@ -158,13 +152,16 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                    help="progress bar on stderr; auto = only on a terminal")
     _add_common(p, 1)
 
-    # --- rbench
+    return p
+
+
+def _add_rbench(sub: Any) -> argparse.ArgumentParser:
+    """The ``rbench`` subcommand's options."""
     p = sub.add_parser("rbench", help="R-Bench / POPE yes-no metrics per id subset and averaged",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Accuracy, precision, recall, F1 and yes-ratio (x100) of yes/no answers, per id subset "
                            "and averaged over subsets, with the official POPE/R-Bench parsing rule or a strict one "
                            "that reports unclear answers separately. Questions without a prediction are reported."))
-    subs["rbench"] = p
     p.add_argument("--questions", type=Path, metavar="FILE",
                    help="question file (JSON list or JSONL) with question_id, text, image, label [required]")
     p.add_argument("--predictions", type=Path, metavar="FILE", help="answers JSONL {question_id, text} [required]")
@@ -184,10 +181,13 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     p.add_argument("--label-field", default="label", metavar="KEY", help="ground-truth field of a question")
     _add_common(p, 2)
 
-    # --- rbench-draw
+    return p
+
+
+def _add_rbench_draw(sub: Any) -> argparse.ArgumentParser:
+    """The ``rbench-draw`` subcommand's options."""
     p = sub.add_parser("rbench-draw", help="draw R-Bench instance boxes/masks and rewrite the questions",
                        formatter_class=_HelpFormatter, epilog=EPILOG)
-    subs["rbench-draw"] = p
     p.add_argument("--questions", type=Path, metavar="FILE",
                    help="instance-level questions (subject, object, sub_box, obj_box, image) [required]")
     p.add_argument("--image-dir", type=Path, metavar="DIR", help="folder the questions' image paths are in [required]")
@@ -199,7 +199,11 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                    help="YAML file of option values (keys = option names); command-line flags override it")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder [required]")
 
-    # --- unlearning
+    return p
+
+
+def _add_unlearning(sub: Any) -> argparse.ArgumentParser:
+    """The ``unlearning`` subcommand's options."""
     p = sub.add_parser("unlearning", help="forgetting, privacy and distance-to-retraining metrics per adapter",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Per adapter: loss/accuracy/ROUGE-L per split and recovery ratios; membership-inference "
@@ -208,7 +212,6 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                            "KS p-value against the retrained adapter. Writes one table (unlearning_summary.md/.json) "
                            "and one figure (unlearning_summary.png). Records come from --records files (one JSONL of "
                            "per-sample results per adapter) or are computed from --base/--adapters/--splits."))
-    subs["unlearning"] = p
     p.add_argument("--records", nargs="+", default=[], metavar="NAME=FILE",
                    help="per-adapter per-sample JSONL files, e.g. corrupted=c.jsonl retrained=r.jsonl "
                         "unlearned=u.jsonl [required unless --base/--adapters/--splits are given]")
@@ -231,6 +234,15 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bars on stderr when computing records; auto = only on a terminal")
     _add_common(p, 4)
+    return p
+
+
+def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (the latter validate ``--config`` keys)."""
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=_HelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="{mmvet,rbench,rbench-draw,unlearning}", parser_class=_Parser)
+    subs = {"mmvet": _add_mmvet(sub), "rbench": _add_rbench(sub), "rbench-draw": _add_rbench_draw(sub),
+            "unlearning": _add_unlearning(sub)}
     return parser, subs
 
 
