@@ -326,7 +326,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 raise UserError("unlearning: give either --records or --base/--adapters/--splits, not both")
             computed = compute_unlearning_records(args.base, args.adapters, args.splits, args.out,
                                                   args.max_new_tokens, args.device, args.retrained,
-                                                  {"on": True, "off": False}.get(args.progress))
+                                                  {"on": True, "off": False}.get(args.progress), args.corrupted,
+                                                  args.min_k)
             computed_from = model_inputs(args.adapters, args.splits)
         elif not args.records:
             raise UserError("unlearning: missing --records (or --base, --adapters and --splits)")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -287,7 +288,7 @@ def run_unlearning(
         write_jsonl(out / "unlearning_samples.jsonl", rows)
         if computed is not None:  # the records themselves, so that a later run can take them with --records
             for name, recs in data.items():
-                write_jsonl(out / f"records_{name}.jsonl", recs)
+                write_jsonl(out / f"records_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.jsonl", recs)
         write_json(out / "unlearning_summary.json", result)
         atomic_write_text(out / "unlearning_summary.md", render_summary(result, decimal_places))
         plot_summary(result, out / "unlearning_summary.png")
@@ -300,10 +301,12 @@ def run_unlearning(
 
 def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits: Sequence[str], out: Path,
                                max_new_tokens: int = 32, device: str | None = None, retrained: str | None = None,
-                               progress: bool | None = None) -> dict[str, list[dict[str, Any]]]:
+                               progress: bool | None = None, corrupted: str | None = None,
+                               min_k: float = 0.2) -> dict[str, list[dict[str, Any]]]:
     """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference, answer-token
     statistics and, with ``retrained``, the KL to it) through mmerase's model adapters (:mod:`eval.model_scores`);
-    the records are the same ones ``--records`` files hold."""
+    the records are the same ones ``--records`` files hold. ``corrupted`` and ``min_k`` are only checked here, before
+    the models run."""
     if not base or not adapters or not splits:
         raise UserError("computing records needs --base, --adapters NAME=DIR ... and --splits SPLIT=FILE ...")
     named_adapters = {k: str(v) for k, v in parse_named_files(adapters, "--adapters").items()}
@@ -312,8 +315,13 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
                        **{f"split {k}": v for k, v in named_splits.items()}}.items():
         if not path.exists():
             raise UserError(f"{name}: {path} not found")
-    if retrained is not None and retrained not in named_adapters:
-        raise UserError(f"--retrained {retrained!r} is not one of the --adapters: {sorted(named_adapters)}")
+    for role, name in (("corrupted", corrupted), ("retrained", retrained)):
+        if name is not None and name not in named_adapters:
+            raise UserError(f"--{role} {name!r} is not one of the --adapters: {sorted(named_adapters)}")
+    if corrupted is not None and retrained is None:
+        raise UserError("--corrupted needs --retrained: the recovery ratio is measured between both")
+    if not 0 < min_k <= 1:
+        raise UserError(f"--min-k must be in (0, 1], got {min_k}")
     check_out_dir(out)
     from mmerase.models import LoadOptions
 

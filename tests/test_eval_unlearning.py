@@ -118,3 +118,17 @@ def test_unlearning_cli_writes_one_table(tmp_path, capsys):
     rc = main(["unlearning", "--records", "oops", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "NAME=FILE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_retrained_alone_gives_forget_quality_without_recovery():
+    from scipy.stats import ks_2samp
+
+    r = evaluate_unlearning(RECORDS, retrained="retrained")
+    assert r["recovery"] == {}
+    expected = ks_2samp([0.8, 0.7, 0.6, 0.5], [1.0, 1.1, 0.9, 1.0])  # unlearned vs retrained forget losses
+    fq = r["adapters"]["unlearned"]["forget_quality"]
+    assert fq["p_value"] == pytest.approx(expected.pvalue, rel=1e-12) and fq["statistic"] == 1.0
+    # records without token statistics or texts: those AUCs are absent, the loss AUC is not
+    assert r["adapters"]["unlearned"]["mia"]["min_k"] is None and r["adapters"]["unlearned"]["mia"]["zlib"] is None
+    assert r["adapters"]["unlearned"]["mia"]["loss"] == pytest.approx(10.5 / 12)
+    assert evaluate_unlearning(RECORDS)["adapters"]["unlearned"]["forget_quality"] is None

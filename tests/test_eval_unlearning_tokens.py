@@ -208,3 +208,19 @@ def test_cli_writes_one_table_and_one_figure(llama_case, tmp_path, capsys):
                "corrupted", "--retrained", "retrained", "--out", str(again)])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((again / "unlearning_summary.json").read_text())["adapters"] == s["adapters"]
+
+
+def test_option_errors_come_before_any_model_runs(llama_case, tmp_path, capsys):
+    from eval.cli import main
+
+    base, adapters, _, _ = llama_case
+    root = adapters["retrained"].parent
+    argv = ["unlearning", "--base", str(base), "--adapters", f"a={adapters['retrained']}", "--splits",
+            f"forget={root / 'forget.json'}", "--out", str(tmp_path / "o")]
+    for extra, message in ((["--retrained", "nope"], "--retrained 'nope' is not one of the --adapters"),
+                           (["--min-k", "0"], "--min-k must be in (0, 1]"),
+                           (["--corrupted", "a"], "--corrupted needs --retrained")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
