@@ -186,7 +186,7 @@ def _with_files(samples, folder):
 def test_cli_writes_one_table_and_one_figure(llama_case, tmp_path, capsys):
     from eval.cli import main
 
-    base, adapters, data, _ = llama_case
+    base, adapters, _, _ = llama_case
     root = adapters["retrained"].parent
     out = tmp_path / "report"
     rc = main(["unlearning", "--base", str(base), "--adapters", *[f"{n}={p}" for n, p in adapters.items()],
