@@ -81,13 +81,7 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 def membership_auc(member_losses: Sequence[float], nonmember_losses: Sequence[float]) -> float | None:
     """ROC AUC of the score ``-loss`` for members (label 1) vs. non-members (label 0); None if a group is empty."""
-    if not member_losses or not nonmember_losses:
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    labels = [1] * len(member_losses) + [0] * len(nonmember_losses)
-    scores = [-float(x) for x in member_losses] + [-float(x) for x in nonmember_losses]
-    return float(roc_auc_score(labels, scores))
+    return auc([-float(x) for x in member_losses], [-float(x) for x in nonmember_losses])
 
 
 def recovery_ratio(value: float | None, corrupted: float | None, retrained: float | None,
