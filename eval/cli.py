@@ -75,13 +75,8 @@ def _add_common(p: argparse.ArgumentParser, places: int) -> None:
                    help="decimals in the Markdown table (JSON keeps full precision)")
 
 
-def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The top-level parser and each subcommand's parser (the latter validate ``--config`` keys)."""
-    parser = _Parser(prog=prog, description=__doc__, formatter_class=_HelpFormatter, epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="{mmvet,rbench,rbench-draw,unlearning}", parser_class=_Parser)
-    subs: dict[str, argparse.ArgumentParser] = {}
-
-    # --- mmvet
+def _add_mmvet(sub: Any) -> argparse.ArgumentParser:
+    """The ``mmvet`` subcommand's options."""
     p = sub.add_parser("mmvet", help="judge MM-Vet / MM-Vet v2 predictions with an OpenAI-compatible LLM",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Grade open-ended predictions with an LLM judge as the official MM-Vet evaluator does "
@@ -89,7 +84,6 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                            "per-capability and per-combination scores). Answers are cached in <out>/judge_cache.jsonl "
                            "as they arrive: an interrupted run resumes without asking anything twice. The API key is "
                            "read from the environment and never printed or written."))
-    subs["mmvet"] = p
     g = p.add_argument_group("inputs")
     g.add_argument("--metadata", type=Path, metavar="FILE",
                    help="MM-Vet metadata: mm-vet.json / mm-vet-v2.json ({id: {question, answer, capability, ...}}) "
@@ -138,6 +132,11 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                         "prompt, for exact reproduction)")
     g.add_argument("--retry-suffix", metavar="TEXT", help="text appended to the prompt on parse retries "
                    "(default: a built-in 'reply with the score only' line)")
+    g.add_argument("--official-evaluator", type=Path, metavar="FILE",
+                   help="your copy of MM-Vet's evaluator script (mm-vet_evaluator.py or mm-vet-v2_evaluator.py): its "
+                        "grading prompt, retry wording and prompt layout are used, so scores equal what that script "
+                        "computes with the same judge (the file is read, never run; this package ships no MM-Vet "
+                        "text)")
     g = p.add_argument_group("safety and cost")
     g.add_argument("--max-failures", type=int, default=10, metavar="N",
                    help="stop when more than N judgements have failed (API error or unparseable)")
@@ -153,13 +152,16 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                    help="progress bar on stderr; auto = only on a terminal")
     _add_common(p, 1)
 
-    # --- rbench
+    return p
+
+
+def _add_rbench(sub: Any) -> argparse.ArgumentParser:
+    """The ``rbench`` subcommand's options."""
     p = sub.add_parser("rbench", help="R-Bench / POPE yes-no metrics per id subset and averaged",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
                            "Accuracy, precision, recall, F1 and yes-ratio (x100) of yes/no answers, per id subset "
                            "and averaged over subsets, with the official POPE/R-Bench parsing rule or a strict one "
                            "that reports unclear answers separately. Questions without a prediction are reported."))
-    subs["rbench"] = p
     p.add_argument("--questions", type=Path, metavar="FILE",
                    help="question file (JSON list or JSONL) with question_id, text, image, label [required]")
     p.add_argument("--predictions", type=Path, metavar="FILE", help="answers JSONL {question_id, text} [required]")
@@ -167,15 +169,25 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                    help="id subset files (JSON lists; R-Bench ships five per level; a name with 'holder', as in "
                         "R-Bench's eval.sh, stands for the files with holder = 1..5); default: one subset of all "
                         "questions")
+    p.add_argument("--eval", choices=["subsets", "web", "box"], default="subsets",
+                   help="what to score, as R-Bench's eval.py: 'subsets' = yes/no metrics per --subset-ids file and "
+                        "their average (its --eval_image / --eval_instance / --eval_obj); 'web' = yes/no metrics per "
+                        "question 'type' and in total (its --eval_web); 'box' = accuracy of naming the boxed object, "
+                        "i.e. the question's label[0] appears in the answer (its --eval_box; questions as JSON Lines "
+                        "with a 'label' list)")
     p.add_argument("--mode", choices=["official", "strict"], default="official",
-                   help="answer parsing: official POPE/R-Bench rule, or strict (unclear answers reported, not 'yes')")
+                   help="yes/no answer parsing: official POPE/R-Bench rule, or strict (unclear answers reported, not "
+                        "'yes')")
     p.add_argument("--label-field", default="label", metavar="KEY", help="ground-truth field of a question")
     _add_common(p, 2)
 
-    # --- rbench-draw
+    return p
+
+
+def _add_rbench_draw(sub: Any) -> argparse.ArgumentParser:
+    """The ``rbench-draw`` subcommand's options."""
     p = sub.add_parser("rbench-draw", help="draw R-Bench instance boxes/masks and rewrite the questions",
                        formatter_class=_HelpFormatter, epilog=EPILOG)
-    subs["rbench-draw"] = p
     p.add_argument("--questions", type=Path, metavar="FILE",
                    help="instance-level questions (subject, object, sub_box, obj_box, image) [required]")
     p.add_argument("--image-dir", type=Path, metavar="DIR", help="folder the questions' image paths are in [required]")
@@ -187,12 +199,19 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
                    help="YAML file of option values (keys = option names); command-line flags override it")
     p.add_argument("--out", type=Path, metavar="DIR", help="output folder [required]")
 
-    # --- unlearning
-    p = sub.add_parser("unlearning", help="loss/accuracy/ROUGE-L per split, recovery ratio and MIA AUC per adapter",
+    return p
+
+
+def _add_unlearning(sub: Any) -> argparse.ArgumentParser:
+    """The ``unlearning`` subcommand's options."""
+    p = sub.add_parser("unlearning", help="forgetting, privacy and distance-to-retraining metrics per adapter",
                        formatter_class=_HelpFormatter, epilog=EPILOG, description=_wrap(
-                           "Reads one JSONL of per-sample results per adapter (id, split, loss, and optionally "
-                           "prediction/reference/correct) and writes one table."))
-    subs["unlearning"] = p
+                           "Per adapter: loss/accuracy/ROUGE-L per split and recovery ratios; membership-inference "
+                           "AUCs of forget vs held-out samples from the loss, Min-K%, Min-K%++ and zlib scores; "
+                           "KL(retrained || adapter) of next-token distributions on each split; the forget-quality "
+                           "KS p-value against the retrained adapter. Writes one table (unlearning_summary.md/.json) "
+                           "and one figure (unlearning_summary.png). Records come from --records files (one JSONL of "
+                           "per-sample results per adapter) or are computed from --base/--adapters/--splits."))
     p.add_argument("--records", nargs="+", default=[], metavar="NAME=FILE",
                    help="per-adapter per-sample JSONL files, e.g. corrupted=c.jsonl retrained=r.jsonl "
                         "unlearned=u.jsonl [required unless --base/--adapters/--splits are given]")
@@ -206,10 +225,24 @@ def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, a
     p.add_argument("--device", default=None, help="device when computing records (default: cuda if available)")
     p.add_argument("--corrupted", metavar="NAME", help="adapter trained on the data to forget (recovery ratio 0)")
     p.add_argument("--retrained", metavar="NAME", help="adapter retrained without it (recovery ratio 1)")
-    p.add_argument("--mia-member-split", default="forget", metavar="SPLIT", help="members for the MIA AUC")
+    p.add_argument("--mia-member-split", default="forget", metavar="SPLIT",
+                   help="members for the MIA AUCs, and the split of the forget-quality KS test")
     p.add_argument("--mia-nonmember-split", default="test", metavar="SPLIT",
-                   help="held-out non-members for the MIA AUC")
+                   help="held-out non-members for the MIA AUCs")
+    p.add_argument("--min-k", type=float, default=0.2, metavar="K",
+                   help="fraction of the answer's lowest token scores that Min-K%% and Min-K%%++ average")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="progress bars on stderr when computing records; auto = only on a terminal")
     _add_common(p, 4)
+    return p
+
+
+def build_parser(prog: str = PROG) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each subcommand's parser (the latter validate ``--config`` keys)."""
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=_HelpFormatter, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="{mmvet,rbench,rbench-draw,unlearning}", parser_class=_Parser)
+    subs = {"mmvet": _add_mmvet(sub), "rbench": _add_rbench(sub), "rbench-draw": _add_rbench_draw(sub),
+            "unlearning": _add_unlearning(sub)}
     return parser, subs
 
 
@@ -261,6 +294,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             backoff_base=args.backoff_base, backoff_max=args.backoff_max, api_key_env=key_env(args),
             azure=args.azure, api_version=args.api_version, price_table=args.price_table, price_in=args.price_in,
             price_out=args.price_out, cache=args.cache, subset=args.subset, prompt_file=args.prompt_file,
+            official_evaluator=args.official_evaluator,
             model_name=args.model_name, decimal_places=args.decimal_places, progress=progress, argv=list(argv),
         )
         summary = run_mmvet(cfg)
@@ -273,11 +307,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         from eval.commands import run_rbench
 
         res = run_rbench(args.questions, args.predictions, args.out, args.subset_ids, args.mode, args.label_field,
-                         args.decimal_places, argv=list(argv))
-        acc = res["average"]["accuracy"]
-        print(f"rbench ({args.mode}): mean accuracy {acc:.{args.decimal_places}f} over {len(res['subsets'])} "
-              f"subset(s); results in {args.out}" if acc is not None else
-              f"rbench ({args.mode}): nothing scored; results in {args.out}")
+                         args.decimal_places, argv=list(argv), eval_kind=args.eval)
+        print(rbench_line(res, args))
         return 0
     if args.command == "rbench-draw":
         from eval.commands import run_rbench_draw
@@ -287,21 +318,43 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"rbench-draw: {n} question(s) written to {args.out}")
         return 0
     if args.command == "unlearning":
-        from eval.commands import compute_unlearning_records, run_unlearning
+        from eval.commands import compute_unlearning_records, model_inputs, run_unlearning
 
-        computed = None
+        computed, computed_from = None, None
         if args.base or args.adapters or args.splits:
             if args.records:
                 raise UserError("unlearning: give either --records or --base/--adapters/--splits, not both")
             computed = compute_unlearning_records(args.base, args.adapters, args.splits, args.out,
-                                                  args.max_new_tokens, args.device)
+                                                  args.max_new_tokens, args.device, args.retrained,
+                                                  {"on": True, "off": False}.get(args.progress), args.corrupted,
+                                                  args.min_k)
+            computed_from = model_inputs(args.adapters, args.splits)
         elif not args.records:
             raise UserError("unlearning: missing --records (or --base, --adapters and --splits)")
         run_unlearning(args.records, args.out, args.corrupted, args.retrained, args.mia_member_split,
-                       args.mia_nonmember_split, args.decimal_places, argv=list(argv), computed=computed)
-        print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}")
+                       args.mia_nonmember_split, args.decimal_places, argv=list(argv), computed=computed,
+                       min_k=args.min_k, computed_from=computed_from)
+        print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}, figure to "
+              f"{args.out / 'unlearning_summary.png'}")
         return 0
     raise UserError(f"unknown command {args.command!r}")  # pragma: no cover
+
+
+def rbench_line(res: dict[str, Any], args: argparse.Namespace) -> str:
+    """The one-line result of ``rbench`` on stdout."""
+    places, out = args.decimal_places, args.out
+    if args.eval == "box":
+        acc, head, tail = res["accuracy"], "rbench box: accuracy", f"over {res['scored']} answer(s)"
+    elif args.eval == "web":
+        total = res["subsets"]["total"]
+        acc, head, tail = total["metrics"]["accuracy"], f"rbench web ({args.mode}): total accuracy", \
+            f"over {total['scored']} question(s)"
+    else:
+        acc, head, tail = res["average"]["accuracy"], f"rbench ({args.mode}): mean accuracy", \
+            f"over {len(res['subsets'])} subset(s)"
+    if acc is None:
+        return f"{head.rsplit(':', 1)[0]}: nothing scored; results in {out}"
+    return f"{head} {acc:.{places}f} {tail}; results in {out}"
 
 
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

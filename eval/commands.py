@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -52,33 +53,41 @@ def run_rbench(
     label_field: str = "label",
     decimal_places: int = 2,
     argv: Sequence[str] | None = None,
+    eval_kind: str = "subsets",
 ) -> dict[str, Any]:
-    """Score yes/no predictions per id subset and on average; writes ``rbench_*`` files into ``out``."""
+    """Score predictions and write ``rbench_*`` files into ``out``.
+
+    ``eval_kind``: ``subsets`` = yes/no metrics per id subset and on average (R-Bench's image- and instance-level
+    evaluation); ``web`` = yes/no metrics per question ``type`` and in total (its web-image mode); ``box`` = the
+    boxed object's name in the answer (its box mode, :mod:`eval.rbench_box`).
+    """
     from eval import rbench
 
     started = time.time()
     if mode not in rbench.MODES:
         raise UserError(f"--mode must be one of {', '.join(rbench.MODES)}, not {mode!r}")
+    if eval_kind not in EVAL_KINDS:
+        raise UserError(f"--eval must be one of {', '.join(EVAL_KINDS)}, not {eval_kind!r}")
+    if eval_kind != "subsets" and subset_ids:
+        raise UserError(f"--subset-ids is for --eval subsets; --eval {eval_kind} takes no id files")
     check_out_dir(out)
+    if eval_kind == "box":
+        return _run_rbench_box(questions, predictions, out, decimal_places, argv, started)
     qs = rbench.load_questions(questions, label_field)
-    answers, dups = rbench.load_answers(predictions)
-    subsets: dict[str, list[str]] = {}
+    records = rbench.load_answer_records(predictions)
+    answers, dups = rbench.answers_by_id(records)
     subset_ids = expand_holder(subset_ids)
-    for p in subset_ids:
-        name = Path(p).stem
-        if name in subsets:
-            raise UserError(f"{p}: two subset files share the name {name!r}")
-        subsets[name] = rbench.load_subset_ids(p)
-    if not subsets:
-        subsets = {"all": list(qs)}
+    subsets = rbench.type_subsets(qs, questions) if eval_kind == "web" else _id_subsets(subset_ids) or \
+        {"all": list(qs)}
     result = rbench.evaluate(qs, answers, subsets, mode, label_field)
+    if eval_kind == "web":  # the official script reports the 'total' row, not a mean over the types
+        result["average"] = None
+    result["eval"] = eval_kind
     result["duplicate_predictions"] = dups
     result["ignored_predictions"] = sum(1 for k in answers if k not in qs)
-    if result["missing_total"]:
-        warnings.warn(f"{result['missing_total']} question(s) have no prediction; they are listed per subset in "
-                      "rbench_summary.json ('missing_ids') and not scored")
-    if dups:
-        warnings.warn(f"{predictions}: {dups} duplicated question_id(s); the last answer of each was used")
+    converted = rbench.ids_matched_by_conversion(qs, [raw for raw, _ in records])
+    result["ids_matched_by_conversion"] = len(converted)
+    _warn_rbench(result, predictions, converted)
     out = ensure_out_dir(out)
     with OutDirLock(out):
         write_jsonl(out / "rbench_samples.jsonl", rbench.per_question_rows(qs, answers, subsets, label_field))
@@ -87,8 +96,74 @@ def run_rbench(
         write_json(out / "rbench_manifest.json", manifest(
             "rbench", {"questions": questions, "predictions": predictions,
                        **{f"subset:{Path(p).stem}": p for p in subset_ids}},
-            {"mode": mode, "label_field": label_field, "decimal_places": decimal_places}, started, argv=argv))
+            {"eval": eval_kind, "mode": mode, "label_field": label_field, "decimal_places": decimal_places},
+            started, argv=argv))
     return result
+
+
+EVAL_KINDS = ("subsets", "web", "box")
+
+_CONVERTED = ("{n} answer id(s) matched a question id only after conversion between number and text (such as "
+              "\"7\" for 7); they are scored here, while R-Bench's script counts them as unanswered")
+
+
+def _id_subsets(paths: Sequence[Path]) -> dict[str, list[str]]:
+    from eval.rbench import load_subset_ids
+
+    subsets: dict[str, list[str]] = {}
+    for p in paths:
+        name = Path(p).stem
+        if name in subsets:
+            raise UserError(f"{p}: two subset files share the name {name!r}")
+        subsets[name] = load_subset_ids(p)
+    return subsets
+
+
+def _warn_rbench(result: dict[str, Any], predictions: Path, converted: Sequence[str]) -> None:
+    if result["missing_total"]:
+        warnings.warn(f"{result['missing_total']} question(s) have no prediction; they are listed per subset in "
+                      "rbench_summary.json ('missing_ids') and not scored")
+    if result["duplicate_predictions"]:
+        warnings.warn(f"{predictions}: {result['duplicate_predictions']} duplicated question_id(s); the last answer "
+                      "of each was used")
+    if converted:
+        warnings.warn(f"{predictions}: " + _CONVERTED.format(n=len(converted)))
+
+
+def _run_rbench_box(questions: Path, predictions: Path, out: Path, places: int, argv: Sequence[str] | None,
+                    started: float) -> dict[str, Any]:
+    from eval.rbench_box import evaluate_box, load_box_answers, load_box_questions
+
+    result = evaluate_box(load_box_questions(questions), load_box_answers(predictions), predictions)
+    rows = result.pop("rows")
+    if result["missing"]:
+        warnings.warn(f"{result['missing']} question(s) have no answer; listed in rbench_summary.json "
+                      "('missing_ids') and not scored")
+    if result["ids_matched_by_conversion"]:
+        warnings.warn(f"{predictions}: " + _CONVERTED.format(n=result["ids_matched_by_conversion"]))
+    out = ensure_out_dir(out)
+    with OutDirLock(out):
+        write_jsonl(out / "rbench_samples.jsonl", rows)
+        write_json(out / "rbench_summary.json", result)
+        atomic_write_text(out / "rbench_summary.md", render_rbench_box(result, places))
+        write_json(out / "rbench_manifest.json", manifest(
+            "rbench", {"questions": questions, "predictions": predictions}, {"eval": "box", "decimal_places": places},
+            started, argv=argv))
+    return result
+
+
+def render_rbench_box(result: dict[str, Any], places: int = 2) -> str:
+    text = ["# R-Bench box evaluation (the boxed object's name in the answer)", "",
+            f"Answers paired with questions by {result['pairing'].replace('_', ' ')}."]
+    if result["missing"]:
+        text.append(f"**{result['missing']} question(s) have no answer** (not scored; ids in rbench_summary.json).")
+    if result["ids_matched_by_conversion"]:
+        text.append(_CONVERTED.format(n=result["ids_matched_by_conversion"]) + ".")
+    text.append("")
+    text.append(markdown_table(["questions", "scored", "missing", "correct", "accuracy"],
+                               [[result["questions"], result["scored"], result["missing"], result["correct"],
+                                 result["accuracy"]]], places))
+    return "\n".join(text)
 
 
 def render_rbench(result: dict[str, Any], places: int = 2) -> str:
@@ -99,14 +174,17 @@ def render_rbench(result: dict[str, Any], places: int = 2) -> str:
         m = r["metrics"]
         rows.append([name, r["questions"], r["scored"], r["missing"], r["unparseable"] if result["mode"] == "strict"
                      else "—", *[m[k] for k in METRICS]])
-    if len(result["subsets"]) > 1:
+    if len(result["subsets"]) > 1 and result["average"] is not None:
         rows.append(["**average**", "", "", "", "", *[result["average"][k] for k in METRICS]])
-    text = [f"# Yes/no evaluation ({result['mode']} parsing)", ""]
+    what = "R-Bench web-image evaluation per question type" if result.get("eval") == "web" else "Yes/no evaluation"
+    text = [f"# {what} ({result['mode']} parsing)", ""]
     if result["missing_total"]:
         text.append(f"**{result['missing_total']} question(s) have no prediction** (not scored; ids in "
                     "rbench_summary.json).")
     if result["mode"] == "strict" and result["unparseable_total"]:
         text.append(f"{result['unparseable_total']} answer(s) are neither a clear yes nor a clear no (not scored).")
+    if result.get("ids_matched_by_conversion"):
+        text.append(_CONVERTED.format(n=result["ids_matched_by_conversion"]) + ".")
     text.append("")
     text.append(markdown_table(["subset", "questions", "scored", "missing", "unparseable", "accuracy", "precision",
                                 "recall", "F1", "yes ratio"], rows, places))
@@ -181,11 +259,15 @@ def run_unlearning(
     decimal_places: int = 4,
     argv: Sequence[str] | None = None,
     computed: dict[str, list[dict[str, Any]]] | None = None,
+    min_k: float = 0.2,
+    computed_from: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Read per-adapter JSONL of per-sample results (or take ``computed`` records), compute
-    :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md}``,
-    ``unlearning_samples.jsonl`` and a manifest."""
-    from eval.unlearning import evaluate_unlearning, render_markdown, sample_scores
+    :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md,png}`` (every metric in one
+    table and one figure), ``unlearning_samples.jsonl`` and a manifest (``computed_from``: the files the computed
+    records came from, for their sha256)."""
+    from eval.unlearning import evaluate_unlearning, sample_scores
+    from eval.unlearning_report import plot_summary, render_summary
 
     started = time.time()
     if computed is not None:
@@ -197,26 +279,34 @@ def run_unlearning(
             raise UserError("--records: give at least one NAME=FILE")
         check_out_dir(out)
         data = {name: [obj for _, obj in iter_jsonl(path)] for name, path in files.items()}
-    result = evaluate_unlearning(data, corrupted=corrupted, retrained=retrained,
-                                 mia_member_split=mia_member_split, mia_nonmember_split=mia_nonmember_split)
+    result = evaluate_unlearning(data, corrupted=corrupted, retrained=retrained, mia_member_split=mia_member_split,
+                                 mia_nonmember_split=mia_nonmember_split, min_k=min_k)
     out = ensure_out_dir(out)
     with OutDirLock(out):
-        rows = [{"adapter": name, "id": str(r.get("id")), "split": r.get("split"), **sample_scores(r)}
+        rows = [{"adapter": name, "id": str(r.get("id")), "split": r.get("split"), **sample_scores(r, min_k)}
                 for name, recs in data.items() for r in recs]
         write_jsonl(out / "unlearning_samples.jsonl", rows)
+        if computed is not None:  # the records themselves, so that a later run can take them with --records
+            for name, recs in data.items():
+                write_jsonl(out / f"records_{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.jsonl", recs)
         write_json(out / "unlearning_summary.json", result)
-        atomic_write_text(out / "unlearning_summary.md", render_markdown(result, decimal_places))
+        atomic_write_text(out / "unlearning_summary.md", render_summary(result, decimal_places))
+        plot_summary(result, out / "unlearning_summary.png")
         write_json(out / "unlearning_manifest.json", manifest(
-            "unlearning", {f"records:{k}": v for k, v in files.items()},
+            "unlearning", {**{f"records:{k}": v for k, v in files.items()}, **(computed_from or {})},
             {"corrupted": corrupted, "retrained": retrained, "mia_member_split": mia_member_split,
-             "mia_nonmember_split": mia_nonmember_split}, started, argv=argv))
+             "mia_nonmember_split": mia_nonmember_split, "min_k": min_k}, started, argv=argv))
     return result
 
 
 def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits: Sequence[str], out: Path,
-                               max_new_tokens: int = 32, device: str | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference) through
-    mmerase's model adapters; the records are the same ones ``--records`` files hold."""
+                               max_new_tokens: int = 32, device: str | None = None, retrained: str | None = None,
+                               progress: bool | None = None, corrupted: str | None = None,
+                               min_k: float = 0.2) -> dict[str, list[dict[str, Any]]]:
+    """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference, answer-token
+    statistics and, with ``retrained``, the KL to it) through mmerase's model adapters (:mod:`eval.model_scores`);
+    the records are the same ones ``--records`` files hold. ``corrupted`` and ``min_k`` are only checked here, before
+    the models run."""
     if not base or not adapters or not splits:
         raise UserError("computing records needs --base, --adapters NAME=DIR ... and --splits SPLIT=FILE ...")
     named_adapters = {k: str(v) for k, v in parse_named_files(adapters, "--adapters").items()}
@@ -225,10 +315,27 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
                        **{f"split {k}": v for k, v in named_splits.items()}}.items():
         if not path.exists():
             raise UserError(f"{name}: {path} not found")
+    for role, name in (("corrupted", corrupted), ("retrained", retrained)):
+        if name is not None and name not in named_adapters:
+            raise UserError(f"--{role} {name!r} is not one of the --adapters: {sorted(named_adapters)}")
+    if corrupted is not None and retrained is None:
+        raise UserError("--corrupted needs --retrained: the recovery ratio is measured between both")
+    if not 0 < min_k <= 1:
+        raise UserError(f"--min-k must be in (0, 1], got {min_k}")
     check_out_dir(out)
     from mmerase.models import LoadOptions
-    from mmerase.workflows import score_adapters
 
-    return score_adapters(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
-                          max_new_tokens=max_new_tokens)
+    from eval.model_scores import score_models
 
+    return score_models(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
+                        retrained=retrained, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def model_inputs(adapters: Sequence[str], splits: Sequence[str]) -> dict[str, Path]:
+    """The files behind computed records, for the manifest: each split file and each adapter's weights."""
+    out = {f"split:{k}": v for k, v in parse_named_files(splits, "--splits").items()}
+    for k, v in parse_named_files(adapters, "--adapters").items():
+        weights = [w for w in (v / "adapter_model.safetensors", v / "adapter_model.bin") if w.is_file()]
+        if weights:
+            out[f"adapter:{k}"] = weights[0]
+    return out

@@ -41,10 +41,20 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
+def jsonl_lines(text: str) -> list[str]:
+    r"""The lines of a JSON Lines text: split on ``"\n"`` only (a ``"\r\n"`` ending is fine too).
+
+    ``str.splitlines`` would also split on U+2028, U+2029, U+0085 and other separators that JSON allows raw inside
+    strings (files written with ``ensure_ascii=False`` contain them), cutting a valid record in two.
+    """
+    return text.split("\n")
+
+
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSONL file."""
+    r"""Yield ``(line_number, object)`` for each non-blank line of a JSONL file; a broken line is an error that
+    names it (line numbers count ``"\n"`` only, as editors and ``wc -l`` do)."""
     text = _open_text(path)
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -66,7 +76,7 @@ def read_json_or_jsonl(path: str | os.PathLike[str]) -> tuple[Any, str]:
     try:
         return json.loads(text), "json"
     except json.JSONDecodeError as whole:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        lines = [ln for ln in jsonl_lines(text) if ln.strip()]
         first_ok = False
         if len(lines) > 1:
             try:
@@ -104,14 +114,14 @@ def dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a file through a temporary sibling and ``os.replace``: a kill mid-write never leaves half a file."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
     try:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -121,6 +131,11 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """:func:`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -350,6 +350,9 @@ class Judge:
         except CostCapReached as e:
             self.request_stop("cost", str(e))
             raise JudgeStopped("cost") from None
+        if self.stop.is_set():  # the run stopped while this reservation waited for room under the cap
+            self.meter.release(reservation)
+            raise JudgeStopped(self.stop_reason or "stopped")
         try:
             comp = self._call_with_retries(prompt, temperature, max_tokens)
         except BaseException:

@@ -6,7 +6,8 @@ Procedure (official ``mm-vet_evaluator.py`` / ``mm-vet-v2_evaluator.py``; deviat
   then the sample's row ``question | ground truth | prediction |`` left for the judge to complete. ``<AND>``/``<OR>``
   in the ground truth get spaces around them. v2 replaces ``<IMG>file.jpg`` segments of the question by ``<image>``,
   newlines by ``<br>`` and uses outer table pipes. The instruction and examples here are our own text; pass
-  ``prompt_preamble`` (``--prompt-file``) to use another preamble verbatim.
+  ``prompt_preamble`` (``--prompt-file``) to use another preamble verbatim, or ``--official-evaluator`` to take the
+  prompt and retry wording from your copy of the official script (:mod:`eval.mmvet_official`).
 - One user message, temperature 0, ``max_tokens`` 3. The score is the reply's first space-separated token as a float
   in [0, 1]. On a parse failure the prompt gets a short "answer with the number" suffix and is asked again, the k-th
   retry at temperature ``T0 + 0.5 (k-1)`` (the official schedule: 0.0, 0.0, 0.5, 1.0, 1.5). The official script then
@@ -485,6 +486,7 @@ class MMVetRun:
     cache: Path | None = None
     subset: Path | None = None
     prompt_file: Path | None = None
+    official_evaluator: Path | None = None
     model_name: str | None = None
     decimal_places: int = 1
     progress: bool = False

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,37 @@ def _usage_totals(records: list[dict[str, Any]], runs: int, price: Any) -> dict[
     }
 
 
+def _grading(cfg: MMVetRun, samples: dict[str, Any]) -> tuple[str, GradeOptions, str]:
+    """``(version, grading options, what prompt is used)`` from the built-in prompt, ``--prompt-file`` or
+    ``--official-evaluator``."""
+    if cfg.version not in ("auto", "v1", "v2"):
+        raise UserError(f"--mmvet-version must be auto, v1 or v2, not {cfg.version!r}")
+    if cfg.official_evaluator is not None:
+        from eval.mmvet_official import read_official_evaluator
+
+        if cfg.prompt_file is not None or cfg.grade.retry_suffix is not None:
+            raise UserError("--official-evaluator supplies the prompt and retry wording: drop --prompt-file and "
+                            "--retry-suffix")
+        off = read_official_evaluator(cfg.official_evaluator)
+        if cfg.version not in ("auto", off.version):
+            raise UserError(f"{off.path} lays prompts out as MM-Vet {off.version}, but --mmvet-version is "
+                            f"{cfg.version}")
+        if cfg.version == "auto" and detect_version(samples) != off.version:
+            warnings.warn(f"{off.path} lays prompts out as MM-Vet {off.version} while the metadata looks like "
+                          f"{detect_version(samples)}; the script's layout is used")
+        opts = GradeOptions(**{**cfg.grade.__dict__, "version": off.version, "preamble": off.preamble,
+                               "retry_suffix": off.retry_suffix})
+        return off.version, opts, f"official evaluator {Path(off.path).name} ({off.version} layout)"
+    version = detect_version(samples) if cfg.version == "auto" else cfg.version
+    preamble = None
+    if cfg.prompt_file is not None:
+        if not Path(cfg.prompt_file).is_file():
+            raise UserError(f"{cfg.prompt_file}: file not found")
+        preamble = Path(cfg.prompt_file).read_text(encoding="utf-8")
+    opts = GradeOptions(**{**cfg.grade.__dict__, "version": version, "preamble": preamble})
+    return version, opts, "custom (--prompt-file)" if preamble is not None else f"built-in {version}"
+
+
 def execute(cfg: MMVetRun) -> dict[str, Any]:
     from eval.judge import Judge, JudgeCache, OpenAIBackend, Redactor, RetryPolicy, cache_key
     from eval.pricing import CostMeter
@@ -117,15 +149,8 @@ def execute(cfg: MMVetRun) -> dict[str, Any]:
         raise UserError(f"{cfg.predictions}: no prediction for {len(missing)} of {len(samples)} samples "
                         f"(e.g. {', '.join(missing[:5])}); use --subset to judge only some ids")
     extra = [i for i in predictions if i not in samples]
-    version = detect_version(samples) if cfg.version == "auto" else cfg.version
-    if version not in ("v1", "v2"):
-        raise UserError(f"--mmvet-version must be auto, v1 or v2, not {cfg.version!r}")
-    preamble = None
-    if cfg.prompt_file is not None:
-        if not Path(cfg.prompt_file).is_file():
-            raise UserError(f"{cfg.prompt_file}: file not found")
-        preamble = Path(cfg.prompt_file).read_text(encoding="utf-8")
-    gopts = GradeOptions(**{**cfg.grade.__dict__, "version": version, "preamble": preamble})
+    version, gopts, prompt_label = _grading(cfg, samples)
+    preamble = gopts.preamble
 
     api_key = os.environ.get(cfg.api_key_env)
     if not api_key:
@@ -214,7 +239,7 @@ def execute(cfg: MMVetRun) -> dict[str, Any]:
                 "temperature": gopts.temperature,
                 "max_tokens": gopts.max_tokens,
                 "parse_retries": gopts.parse_retries,
-                "prompt": "custom (--prompt-file)" if preamble is not None else f"built-in {version}",
+                "prompt": prompt_label,
             },
             "usage": {
                 "this_invocation": {
@@ -250,6 +275,7 @@ def execute(cfg: MMVetRun) -> dict[str, Any]:
         options["version"] = version
         write_json(out / "mmvet_manifest.json", manifest(
             "mmvet", {"metadata": cfg.metadata, "predictions": cfg.predictions, "prompt_file": cfg.prompt_file,
+                      "official_evaluator": cfg.official_evaluator,
                       "subset": cfg.subset, "price_table": cfg.price_table},
             options, started, argv=[redact(a) for a in cfg.argv] if cfg.argv is not None else None,
             judge={"model": cfg.judge_model, "server_models": sorted(judge.stats.server_models),

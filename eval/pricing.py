@@ -91,7 +91,9 @@ class CostMeter:
     Each request reserves an *upper bound* of its cost before it is sent, so concurrent workers never overshoot:
     one prompt token per UTF-8 byte (byte-level BPE tokenizers never produce more) plus framing, and the full
     ``max_tokens`` of completion. Should a server bill more tokens per byte than that, the highest ratio seen is used
-    from then on. The price of this guarantee: the run may stop up to about one request's bound below the cap.
+    from then on. A reservation that does not fit beside the requests in flight waits for them to settle (they
+    usually cost far less than their bound) and the cap is only declared reached when it does not fit with nothing
+    in flight, so a run stops within one request's bound below the cap whatever the concurrency.
     """
 
     def __init__(self, price: Price | None, max_cost: float | None = None) -> None:
@@ -100,9 +102,10 @@ class CostMeter:
                             "--price-in/--price-out")
         self.price = price
         self.max_cost = max_cost
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self.spent = 0.0
         self._reserved = 0.0
+        self._in_flight = 0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.requests = 0
@@ -113,24 +116,33 @@ class CostMeter:
         """Most one request can cost (see the class docstring)."""
         if self.price is None:
             return 0.0
-        tokens = math.ceil(self._tokens_per_byte * prompt_bytes) + CHAT_OVERHEAD_TOKENS
-        return self.price.cost(tokens, max_tokens)
+        return self.price.cost(self._bound_tokens(prompt_bytes), max_tokens)
+
+    def _bound_tokens(self, prompt_bytes: int) -> int:
+        return math.ceil(self._tokens_per_byte * prompt_bytes) + CHAT_OVERHEAD_TOKENS
 
     def reserve(self, prompt_bytes: int, max_tokens: int) -> float:
-        """Book the upper bound of one request, or raise CostCapReached if it might not fit under ``max_cost``."""
+        """Book the upper bound of one request, waiting while requests in flight may still free room; raise
+        CostCapReached when it does not fit under ``max_cost`` with nothing in flight."""
         with self._lock:
-            est = self.upper_bound(prompt_bytes, max_tokens)
-            if self.max_cost is not None and self.spent + self._reserved + est > self.max_cost:
-                raise CostCapReached(
-                    f"cost cap reached: spent ${self.spent:.4f} of --max-cost ${self.max_cost:.4f} "
-                    f"(next request ~${est:.4f})"
-                )
-            self._reserved += est
-            return est
+            while True:
+                est = self.upper_bound(prompt_bytes, max_tokens)
+                if self.max_cost is None or self.spent + self._reserved + est <= self.max_cost:
+                    self._reserved += est
+                    self._in_flight += 1
+                    return est
+                if self._in_flight == 0:
+                    raise CostCapReached(
+                        f"cost cap reached: spent ${self.spent:.6f} of --max-cost ${self.max_cost:.6f}; the next "
+                        f"request would reserve its upper bound ${est:.6f} ({self._bound_tokens(prompt_bytes)} "
+                        f"prompt + {max_tokens} completion tokens), which does not fit (nothing else in flight)")
+                self._lock.wait(timeout=1.0)
 
     def release(self, reservation: float) -> None:
         with self._lock:
             self._reserved -= reservation
+            self._in_flight -= 1
+            self._lock.notify_all()
 
     def settle(self, reservation: float, prompt_tokens: int, completion_tokens: int, estimated: bool,
                prompt_bytes: int = 0) -> float:
@@ -141,9 +153,11 @@ class CostMeter:
                 self._tokens_per_byte = max(self._tokens_per_byte,
                                             (prompt_tokens - CHAT_OVERHEAD_TOKENS) / prompt_bytes)
             self._reserved -= reservation
+            self._in_flight -= 1
             self.spent += cost
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
             self.requests += 1
             self.estimated_usage += int(estimated)
+            self._lock.notify_all()
         return cost

@@ -120,27 +120,55 @@ def load_questions(path: str | Path, label_field: str = "label") -> dict[str, di
     return out
 
 
-def load_answers(path: str | Path) -> tuple[dict[str, str], int]:
-    """Predictions JSONL ``{"question_id", "text"}`` -> ``({id: text}, number of duplicate ids)``; the last answer
-    of a duplicated id wins, as in the official script."""
+def load_answer_records(path: str | Path) -> list[tuple[Any, str]]:
+    """Predictions ``{"question_id", "text"}`` (JSON Lines, a JSON list, or an ``{id: text}`` object) ->
+    ``[(question_id as written, text), ...]`` in file order."""
     data, _ = read_json_or_jsonl(path)
     if isinstance(data, dict) and "question_id" in data:
         data = [data]
     if isinstance(data, dict):  # {id: text} layout
         if not all(isinstance(v, str) for v in data.values()):
             raise UserError(f"{path}: expected {{question_id: text}} or records with question_id and text")
-        return {str(k): v for k, v in data.items()}, 0
+        return list(data.items())
     if not isinstance(data, list):
         raise UserError(f"{path}: expected JSON Lines of {{\"question_id\", \"text\"}}")
-    out: dict[str, str] = {}
-    dups = 0
+    out: list[tuple[Any, str]] = []
     for i, rec in enumerate(data, start=1):
         if not isinstance(rec, dict) or "question_id" not in rec or not isinstance(rec.get("text"), str):
             raise UserError(f"{path}: answer {i} needs 'question_id' and a text 'text'")
-        qid = str(rec["question_id"])
+        out.append((rec["question_id"], rec["text"]))
+    return out
+
+
+def load_answers(path: str | Path) -> tuple[dict[str, str], int]:
+    """Predictions -> ``({str(question_id): text}, number of duplicate ids)``; see :func:`answers_by_id`."""
+    return answers_by_id(load_answer_records(path))
+
+
+def answers_by_id(records: Sequence[tuple[Any, str]]) -> tuple[dict[str, str], int]:
+    """``[(question_id, text)]`` -> ``({str(question_id): text}, number of duplicate ids)``; the last answer of a
+    duplicated id wins, as in the official script."""
+    out: dict[str, str] = {}
+    dups = 0
+    for raw, text in records:
+        qid = str(raw)
         dups += qid in out
-        out[qid] = rec["text"]
+        out[qid] = text
     return out, dups
+
+
+def ids_matched_by_conversion(questions: Mapping[str, Mapping[str, Any]], raw_ids: Sequence[Any]) -> list[str]:
+    """Answer ids that name a question only after conversion between number and text (``"7"`` for ``7``).
+
+    Ids are matched as text here; R-Bench's own script compares them as written, so it counts these answers as
+    missing. The caller reports how many there were.
+    """
+    out = []
+    for raw in raw_ids:
+        q = questions.get(str(raw))
+        if q is not None and (type(q["question_id"]) is not type(raw) or q["question_id"] != raw):
+            out.append(str(raw))
+    return list(dict.fromkeys(out))
 
 
 def load_subset_ids(path: str | Path) -> list[str]:
@@ -149,6 +177,26 @@ def load_subset_ids(path: str | Path) -> list[str]:
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of question ids")
     return [str(x) for x in data]
+
+
+#: the web-image set's two question types, reported first and in this order as R-Bench's script prints them
+WEB_TYPES = ("counterfactual", "illusion")
+
+
+def type_subsets(questions: Mapping[str, Mapping[str, Any]], path: str | Path = "questions") -> dict[str, list[str]]:
+    """Web-image mode: one subset per value of the questions' ``type`` field (``counterfactual`` and ``illusion``
+    first, other values in order of appearance), then ``total`` = every question, as R-Bench's ``--eval_web``."""
+    by_type: dict[str, list[str]] = {}
+    for qid, q in questions.items():
+        t = q.get("type")
+        if not isinstance(t, str) or not t:
+            raise UserError(f"{path}: question {qid!r} has no text 'type' field (web-image mode takes its subsets "
+                            "from it, e.g. 'counterfactual' or 'illusion')")
+        by_type.setdefault(t, []).append(qid)
+    if "total" in by_type:
+        raise UserError(f"{path}: a question 'type' is named 'total', the name of the all-questions row")
+    order = [t for t in WEB_TYPES if t in by_type] + [t for t in by_type if t not in WEB_TYPES]
+    return {**{t: by_type[t] for t in order}, "total": list(questions)}
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation

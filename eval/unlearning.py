@@ -7,10 +7,22 @@ per adapter, a list of dicts::
      "prediction": "seven", "reference": "7",                 # optional: generated and reference answers
      "correct": false}                                        # optional: overrides the exact-match accuracy
 
-and calling :func:`evaluate_unlearning`. Per split: mean loss, accuracy (``correct`` if given, else normalised exact
-match of prediction and reference) and ROUGE-L F-measure, as fractions in [0, 1]. Recovery ratio per split and
-metric: ``(adapter - corrupted) / (retrained - corrupted)`` (1 = as good as retraining, 0 = no change). Membership
-inference: ROC AUC of ``-loss`` separating the forget split (members) from held-out samples (0.5 = no signal).
+and calling :func:`evaluate_unlearning`. Optional per-token fields (answer tokens, in order) feed the token-level
+membership scores, and ``kl_retrained`` the distance to retraining::
+
+    {"token_logprobs": [...],      # log p(x_t | x_<t) of each answer token
+     "token_vocab_mean": [...],    # μ_t: mean of log p over the vocabulary under the model's next-token distribution
+     "token_vocab_std": [...],     # σ_t: its standard deviation (see eval.mia)
+     "kl_retrained": 0.012}        # KL(retrained ‖ this adapter) averaged over the answer tokens (nats)
+
+Per split: mean loss, accuracy (``correct`` if given, else normalised exact match of prediction and reference) and
+ROUGE-L F-measure, as fractions in [0, 1]. Recovery ratio per split and metric: ``(adapter - corrupted) / (retrained
+- corrupted)`` (1 = as good as retraining, 0 = no change). Membership inference: ROC AUC of each score of
+:mod:`eval.mia` (loss, Min-K%, Min-K%++, zlib) separating the forget split (members) from held-out samples (0.5 = no
+signal; the retrained adapter's AUC is the target). Distance to retraining, per split: the mean over samples of
+``kl_retrained``, where for one sample ``KL = (1/T) Σ_t Σ_v P_r(v|x_<t) [log P_r(v|x_<t) − log P_a(v|x_<t)]`` over
+its T answer tokens, with P_r the retrained and P_a this adapter's next-token distribution on the same prefix
+(teacher-forced reference answer). Forget quality: the KS-test p-value of :func:`eval.mia.forget_quality`.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from eval.errors import UserError
+from eval.mia import SCORES, auc, check_token_fields, forget_quality, sample_mia_scores
 
 SPLIT_METRICS = ("loss", "accuracy", "rouge_l")
 
@@ -68,13 +81,7 @@ def exact_match(prediction: str, reference: str) -> bool:
 
 def membership_auc(member_losses: Sequence[float], nonmember_losses: Sequence[float]) -> float | None:
     """ROC AUC of the score ``-loss`` for members (label 1) vs. non-members (label 0); None if a group is empty."""
-    if not member_losses or not nonmember_losses:
-        return None
-    from sklearn.metrics import roc_auc_score
-
-    labels = [1] * len(member_losses) + [0] * len(nonmember_losses)
-    scores = [-float(x) for x in member_losses] + [-float(x) for x in nonmember_losses]
-    return float(roc_auc_score(labels, scores))
+    return auc([-float(x) for x in member_losses], [-float(x) for x in nonmember_losses])
 
 
 def recovery_ratio(value: float | None, corrupted: float | None, retrained: float | None,
@@ -112,21 +119,31 @@ def _check_records(name: str, records: Iterable[Mapping[str, Any]]) -> list[dict
                 raise UserError(f"{where} ({key[1]}): {f!r} must be text")
         if "correct" in r and r["correct"] is not None and not isinstance(r["correct"], bool):
             raise UserError(f"{where} ({key[1]}): 'correct' must be true or false")
+        check_token_fields(r, f"{where} ({key[1]})")
+        kl = r.get("kl_retrained")
+        if kl is not None and (isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl)
+                               or kl < -1e-9):
+            raise UserError(f"{where} ({key[1]}): 'kl_retrained' must be a finite number ≥ 0, got {kl!r}")
         out.append(r)
     return out
 
 
-def sample_scores(rec: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-sample accuracy and ROUGE-L (None where the record lacks what they need)."""
+def sample_scores(rec: Mapping[str, Any], min_k: float | None = None) -> dict[str, Any]:
+    """Per-sample accuracy and ROUGE-L, and with ``min_k`` the membership scores of :mod:`eval.mia` and the KL to
+    retraining (None where the record lacks what they need)."""
     pred, ref = rec.get("prediction"), rec.get("reference")
     correct = rec.get("correct")
     if correct is None and pred is not None and ref is not None:
         correct = exact_match(pred, ref)
-    return {
+    out = {
         "loss": rec.get("loss"),
         "correct": correct,
         "rouge_l": rouge_l(pred, ref) if pred is not None and ref is not None else None,
     }
+    if min_k is not None:
+        out.update({f"mia_{k}": v for k, v in sample_mia_scores(rec, min_k).items() if k != "loss"})
+        out["kl_retrained"] = rec.get("kl_retrained")
+    return out
 
 
 def split_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -151,18 +168,22 @@ def evaluate_unlearning(
     retrained: str | None = None,
     mia_member_split: str = "forget",
     mia_nonmember_split: str = "test",
+    min_k: float = 0.2,
 ) -> dict[str, Any]:
-    """Per-adapter split metrics, recovery ratios against (corrupted, retrained), and membership-inference AUC.
+    """Per-adapter split metrics, recovery ratios against (corrupted, retrained), membership-inference AUCs, KL to
+    the retrained adapter per split and the forget-quality KS test (see the module docstring).
 
     Every adapter must cover the same samples (split, id) so the numbers compare like with like.
     """
     if not records_by_adapter:
         raise UserError("no adapters to evaluate")
+    if not 0 < min_k <= 1:
+        raise UserError(f"--min-k must be in (0, 1], got {min_k}")
     for role, name in (("corrupted", corrupted), ("retrained", retrained)):
         if name is not None and name not in records_by_adapter:
             raise UserError(f"--{role} {name!r} is not one of the adapters: {sorted(records_by_adapter)}")
-    if (corrupted is None) != (retrained is None):
-        raise UserError("the recovery ratio needs both --corrupted and --retrained")
+    if corrupted is not None and retrained is None:
+        raise UserError("--corrupted needs --retrained: the recovery ratio is measured between both")
     data = {name: _check_records(name, recs) for name, recs in records_by_adapter.items()}
     keysets = {name: {(r["split"], r["id"]) for r in recs} for name, recs in data.items()}
     first = next(iter(keysets))
@@ -174,9 +195,13 @@ def evaluate_unlearning(
     adapters: dict[str, Any] = {}
     for name, recs in data.items():
         per_split = {s: split_metrics([r for r in recs if r["split"] == s]) for s in splits}
-        members = [r["loss"] for r in recs if r["split"] == mia_member_split and r.get("loss") is not None]
-        nonmembers = [r["loss"] for r in recs if r["split"] == mia_nonmember_split and r.get("loss") is not None]
-        adapters[name] = {"splits": per_split, "mia_auc": membership_auc(members, nonmembers)}
+        mia = mia_aucs(recs, mia_member_split, mia_nonmember_split, min_k)
+        adapters[name] = {"splits": per_split, "mia_auc": mia["loss"], "mia": mia,
+                          "kl_retrained": {s: _mean_field([r for r in recs if r["split"] == s], "kl_retrained")
+                                           for s in splits}}
+    for name in data:
+        adapters[name]["forget_quality"] = None if retrained is None else forget_quality(
+            _losses(data[name], mia_member_split), _losses(data[retrained], mia_member_split))
     recovery: dict[str, Any] = {}
     if corrupted is not None and retrained is not None:
         for name in data:
@@ -192,9 +217,39 @@ def evaluate_unlearning(
         "adapters": adapters,
         "recovery": recovery,
         "reference": {"corrupted": corrupted, "retrained": retrained},
-        "mia": {"member_split": mia_member_split, "nonmember_split": mia_nonmember_split,
-                "score": "-loss", "note": "0.5 = no membership signal"},
+        "mia": {"member_split": mia_member_split, "nonmember_split": mia_nonmember_split, "min_k": min_k,
+                "scores": list(SCORES), "score": "-loss", "note": "0.5 = no membership signal; the retrained "
+                "adapter's AUC is the target"},
+        "forget_quality": {"split": mia_member_split, "test": "two-sample Kolmogorov-Smirnov (scipy.stats.ks_2samp) "
+                           "of per-sample losses against the retrained adapter's"},
     }
+
+
+def _losses(recs: Sequence[Mapping[str, Any]], split: str) -> list[float]:
+    return [float(r["loss"]) for r in recs if r["split"] == split and r.get("loss") is not None]
+
+
+def _mean_field(recs: Sequence[Mapping[str, Any]], field: str) -> float | None:
+    vals = [r.get(field) for r in recs]
+    have = [float(v) for v in vals if v is not None]
+    if have and len(have) != len(vals):
+        raise UserError(f"{len(vals) - len(have)} record(s) lack {field!r} while others have it, e.g. "
+                        f"{[r['id'] for r, v in zip(recs, vals) if v is None][:3]}")
+    return sum(have) / len(have) if have else None
+
+
+def mia_aucs(recs: Sequence[Mapping[str, Any]], member_split: str, nonmember_split: str, min_k: float = 0.2
+             ) -> dict[str, float | None]:
+    """ROC AUC of each membership score (:mod:`eval.mia`), members = ``member_split``, non-members =
+    ``nonmember_split``; None for a score that some of these records cannot give (e.g. no token statistics, or no
+    reference text for zlib)."""
+    scored = {s: [sample_mia_scores(r, min_k) for r in recs if r["split"] == s] for s in (member_split, nonmember_split)}
+    out: dict[str, float | None] = {}
+    for kind in SCORES:
+        vals = {s: [sc[kind] for sc in rows] for s, rows in scored.items()}
+        usable = all(v is not None for rows in vals.values() for v in rows)
+        out[kind] = auc(vals[member_split], vals[nonmember_split]) if usable else None
+    return out
 
 
 def render_markdown(result: Mapping[str, Any], places: int = 4) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -308,6 +309,34 @@ def test_cost_cap_holds_with_concurrent_requests(tmp_path, capsys, key_env):
     spent = summary(out)["usage"]["this_invocation"]["cost_usd"]
     per_request = spent / len(srv.requests)  # ~ $1.7
     assert spent <= 10.0 and spent > 10.0 - 2 * per_request and srv.max_in_flight >= 2
+
+
+@pytest.mark.parametrize("concurrency", ["1", "4"])
+def test_capped_run_spends_up_to_one_bound_below_the_cap(tmp_path, capsys, key_env, concurrency):
+    """Requests settle at about a quarter of their reserved bound: with four in flight a reservation that does not
+    fit beside them must wait for them to settle rather than end the run."""
+    preds = constant_predictions(tmp_path, "0.5")
+    out = tmp_path / "out"
+    with FakeOpenAI(usage=(400, 1), delay=0.05) as srv:  # bills 400 prompt tokens for ~1650-byte prompts
+        key_env(srv)
+        argv = mmvet_argv(srv, out, "--price-in", "1", "--price-out", "1", "--max-cost", "0.005", preds=preds,
+                          runs=3)
+        argv[argv.index("--concurrency") + 1] = concurrency
+        rc, _, err = run(argv, capsys)
+    assert rc == 3, err
+    spent = summary(out)["usage"]["this_invocation"]["cost_usd"]
+    assert spent == pytest.approx(401e-6 * len(srv.requests))
+    # the stop message names what the request that did not fit would have reserved: its bound, one token per byte
+    stop = summary(out)["stop_message"]
+    m = re.search(r"spent \$([0-9.]+) of --max-cost \$0\.005000; the next request would reserve its upper bound "
+                  r"\$([0-9.]+) \((\d+) prompt \+ 3 completion tokens\)", stop)
+    assert m and float(m[1]) == pytest.approx(spent, abs=1e-6) and "nothing else in flight" in stop
+    bound = float(m[2])
+    assert bound == pytest.approx((int(m[3]) + 3) / 1e6, abs=1e-6) and int(m[3]) > 1600
+    assert 0.005 - bound < spent <= 0.005, (spent, bound, len(srv.requests))
+    assert len(srv.requests) == 9  # 8 × $0.000401 + the bound fits under $0.005, 9 × $0.000401 + the bound does not
+    if concurrency == "4":
+        assert srv.max_in_flight >= 2
 
 
 def test_concurrency_is_bounded(tmp_path, capsys, key_env):

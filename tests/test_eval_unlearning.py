@@ -4,6 +4,7 @@ and the ``unlearning`` command's table."""
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 
@@ -110,7 +111,24 @@ def test_unlearning_cli_writes_one_table(tmp_path, capsys):
     assert "| unlearned | forget | 4 | 0.6500 | 0.5000 | 0.5000 | 0.4615 | 0.5000 | 0.5000 | 0.8750 |" in md
     rows = [json.loads(x) for x in (out / "unlearning_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 9 and rows[0] == {"adapter": "base", "id": "f0", "split": "forget", "loss": 2,
-                                              "correct": False, "rouge_l": 0.0}
+                                              "correct": False, "rouge_l": 0.0, "mia_min_k": None,
+                                              "mia_min_k_pp": None, "kl_retrained": None,
+                                              "mia_zlib": -2 / len(zlib.compress(b"seven"))}
+    assert (out / "unlearning_summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(["unlearning", "--records", "oops", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "NAME=FILE" in err and len(err.strip().splitlines()) == 1
+
+
+def test_retrained_alone_gives_forget_quality_without_recovery():
+    from scipy.stats import ks_2samp
+
+    r = evaluate_unlearning(RECORDS, retrained="retrained")
+    assert r["recovery"] == {}
+    expected = ks_2samp([0.8, 0.7, 0.6, 0.5], [1.0, 1.1, 0.9, 1.0])  # unlearned vs retrained forget losses
+    fq = r["adapters"]["unlearned"]["forget_quality"]
+    assert fq["p_value"] == pytest.approx(expected.pvalue, rel=1e-12) and fq["statistic"] == 1.0
+    # records without token statistics or texts: those AUCs are absent, the loss AUC is not
+    assert r["adapters"]["unlearned"]["mia"]["min_k"] is None and r["adapters"]["unlearned"]["mia"]["zlib"] is None
+    assert r["adapters"]["unlearned"]["mia"]["loss"] == pytest.approx(10.5 / 12)
+    assert evaluate_unlearning(RECORDS)["adapters"]["unlearned"]["forget_quality"] is None
