@@ -45,7 +45,7 @@ def demo_test_indices(demo: Path) -> list[int]:
 def write_splits(demo: Path, tasks: list[str]) -> dict[str, Path]:
     """``{"test": file, "forget_<task>": file}`` in ``<demo>/eval_splits``."""
     from mmerase.data import load_dataset, save_dataset, write_digits_dataset
-    from mmerase.demo import TRAIN_FILE
+    from mmerase.scenarios import TRAIN_FILE
 
     folder = demo / "eval_splits"
     folder.mkdir(exist_ok=True)
@@ -58,7 +58,7 @@ def write_splits(demo: Path, tasks: list[str]) -> dict[str, Path]:
 
 
 def command(demo: Path, task: str, splits: dict[str, Path], out: Path, max_new_tokens: int) -> list[str]:
-    from mmerase.demo import CORRUPTED, RETRAINED
+    from mmerase.scenarios import CORRUPTED, RETRAINED
 
     ad = demo / "adapters"
     return ["python", "-m", "mmerase", "eval", "unlearning", "--base", str(demo / "base"),

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from mmerase import InfluenceEngine, SolverConfig
-from mmerase.demo import DemoConfig, build_scenarios, evaluate_bundle, recoveries
+from mmerase.demo import DemoConfig
+from mmerase.scenarios import build_scenarios, evaluate_bundle, recoveries
 from mmerase.editfile import parse_edits
 from mmerase.data import load_dataset
 from mmerase.influence import vectors as V

@@ -31,7 +31,7 @@ import torch
 
 from mmerase import Edit, InfluenceEngine, SolverConfig
 from mmerase.data import DIGIT_WORDS, digit_images, digit_samples, modify_sample
-from mmerase.demo import DemoConfig, _pretrain_base, _split, _train_adapter, recovery_ratio
+from mmerase.scenarios import ScenarioConfig, digit_split, pretrain_base, recovery_ratio, train_scenario_adapter
 from mmerase.influence import vectors as V
 from mmerase.influence.precondition import PreconditionerConfig, build_preconditioner
 from mmerase.models import LoadOptions, load_model
@@ -50,9 +50,9 @@ class Scenario:
     def __init__(self, work: Path, sizes: list[int], seed: int = 0, quick: bool = False,
                  bad_within: int | None = None) -> None:
         self.work, self.sizes, self.seed = work, sizes, seed
-        self.cfg = DemoConfig(tasks=("rc",), seed=seed, n_pretrain=200 if quick else 500, n_train=max(sizes),
+        self.cfg = ScenarioConfig(tasks=("rc",), seed=seed, n_pretrain=200 if quick else 500, n_train=max(sizes),
                               n_test=100 if quick else 300, pretrain_epochs=3 if quick else 5, progress=False)
-        pre, self.train_idx, test_idx = _split(self.cfg)
+        pre, self.train_idx, test_idx = digit_split(self.cfg)
         images, targets = digit_images()
         rng = random.Random(seed + 1)
         # the corrupted positions lie in every size's prefix
@@ -67,7 +67,7 @@ class Scenario:
         t = time.perf_counter()
         self.base = work / "base"
         if not (self.base / "config.json").is_file():
-            _pretrain_base(self.base, digit_samples(pre, prefix="pre-"), self.cfg)
+            pretrain_base(self.base, digit_samples(pre, prefix="pre-"), self.cfg)
         self.pretrain_s = time.perf_counter() - t
 
     def data(self, n: int, fixed: int = 0) -> list:
@@ -83,7 +83,7 @@ class Scenario:
             return out, None
         if out.exists():
             shutil.rmtree(out)
-        return out, _train_adapter(self.base, self.data(n, fixed), out, self.cfg)
+        return out, train_scenario_adapter(self.base, self.data(n, fixed), out, self.cfg)
 
     def edits(self, k: int) -> list[Edit]:
         return [Edit(old=self.corrupted[i], new=self.clean[i]) for i in self.bad[:k]]

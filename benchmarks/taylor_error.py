@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mmerase import Edit, InfluenceEngine, SolverConfig  # noqa: E402
-from mmerase.demo import evaluate_bundle  # noqa: E402
+from mmerase.scenarios import evaluate_bundle  # noqa: E402
 from mmerase.influence import vectors as V  # noqa: E402
 from mmerase.record import machine, versions  # noqa: E402
 
@@ -283,14 +283,14 @@ class LlavaScenario:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from mmerase.data import DIGIT_WORDS, digit_images, digit_samples, modify_sample
-        from mmerase.demo import DemoConfig, _pretrain_base, _split
+        from mmerase.scenarios import ScenarioConfig, digit_split, pretrain_base
 
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.cfg = DemoConfig(tasks=("rc",), seed=args.seed, n_pretrain=args.llava_pretrain, n_train=args.llava_n,
+        self.cfg = ScenarioConfig(tasks=("rc",), seed=args.seed, n_pretrain=args.llava_pretrain, n_train=args.llava_n,
                               n_test=args.llava_test, pretrain_epochs=args.llava_pretrain_epochs,
                               epochs=args.llava_epochs, progress=False)
-        pre, train_idx, test_idx = _split(self.cfg)
+        pre, train_idx, test_idx = digit_split(self.cfg)
         _, targets = digit_images()
         n = len(train_idx)
         self.counts = _counts(n, args.llava_fractions)
@@ -307,7 +307,7 @@ class LlavaScenario:
         self.base = self.work / "base"
         if self.base.exists():
             shutil.rmtree(self.base)
-        _pretrain_base(self.base, digit_samples(pre, prefix="pre-"), self.cfg)
+        pretrain_base(self.base, digit_samples(pre, prefix="pre-"), self.cfg)
         self.pretrain_s = time.perf_counter() - t
 
     def data(self, fixed: int) -> list:
@@ -319,12 +319,12 @@ class LlavaScenario:
 
     def adapter(self, fixed: int) -> tuple[Path, float]:
         """Train (from scratch, the demo's recipe and seed) on the data with ``fixed`` answers corrected."""
-        from mmerase.demo import _train_adapter
+        from mmerase.scenarios import train_scenario_adapter
 
         out = self.work / f"adapter-fixed{fixed}"
         if out.exists():
             shutil.rmtree(out)
-        return out, _train_adapter(self.base, self.data(fixed), out, self.cfg)
+        return out, train_scenario_adapter(self.base, self.data(fixed), out, self.cfg)
 
 
 def curvature_check(engine: InfluenceEngine, steps: int, batch_size: int) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from request_reuse import _f, _log, _recovery as recovery  # noqa: E402
 
 from mmerase import Edit, InfluenceEngine, SolverConfig  # noqa: E402
 from mmerase import demo as D  # noqa: E402
+from mmerase import scenarios as S  # noqa: E402
 from mmerase.data import DIGIT_QUESTION, DIGIT_WORDS, Sample, digit_images, digit_samples, modify_sample  # noqa: E402
 from mmerase.memory import PeakMemory  # noqa: E402
 from mmerase.models import LoadOptions, load_model  # noqa: E402
@@ -123,7 +124,7 @@ class Bench:
                                 progress=False)
         if args.smoke:
             self.cfg.pretrain_epochs, self.cfg.epochs = 1, 1
-        pre, pool, test = D._split(self.cfg)
+        pre, pool, test = S.digit_split(self.cfg)
         self.pool = pool[: args.pool] if args.pool else pool
         self.images, targets = digit_images()
         self.by_class: dict[int, list[int]] = {}
@@ -159,7 +160,7 @@ class Bench:
         t = time.perf_counter()
         self.base = self.work / "base"
         if not (self.base / "config.json").is_file():
-            D._pretrain_base(self.base, digit_samples(pre, prefix="pre-"), self.cfg)
+            S.pretrain_base(self.base, digit_samples(pre, prefix="pre-"), self.cfg)
         self.report["pretrain_s"] = time.perf_counter() - t
 
     def over_budget(self) -> bool:
@@ -179,13 +180,13 @@ class Bench:
         if key not in self.adapters:
             folder = self.work / "adapters" / "-".join(str(x) for x in key)
             with PeakMemory() as mem:
-                seconds = D._train_adapter(self.base, samples, folder, self.cfg)
+                seconds = S.train_scenario_adapter(self.base, samples, folder, self.cfg)
             self.adapters[key] = {"dir": folder, "seconds": seconds, "memory": _mib(mem.result), "n": len(samples)}
             _log(f"trained {folder.name}: {seconds:.1f} s")
         return self.adapters[key]
 
     def evaluate(self, folder: Path, edited: tuple[list[Sample], list[int]]) -> dict[str, float]:
-        return D.evaluate_adapter(self.base, folder, {"test": self.test, "edited": edited}, self.cfg)
+        return S.evaluate_adapter(self.base, folder, {"test": self.test, "edited": edited}, self.cfg)
 
     def engine(self, folder: Path, train: list[Sample]) -> tuple[Any, InfluenceEngine]:
         """The corrupted adapter loaded with a fresh frozen-feature cache (nothing precomputed)."""
@@ -480,7 +481,7 @@ def markdown(rep: dict) -> str:
               "pair edited)", ""]
     for key in rep["sweeps"].get("default", []):
         p = _pt(rep, key)
-        lines += [f"### {p['task'].upper()}: {D.TASK_NAMES[p['task']]} ({p['k']} edits)", "",
+        lines += [f"### {p['task'].upper()}: {S.TASK_NAMES[p['task']]} ({p['k']} edits)", "",
                   "| adapter | test acc | edited acc | edited loss | rec. loss | rec. acc | rec. test acc | seconds | "
                   "× faster than retrain | steps | residual | peak RSS rise MiB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
