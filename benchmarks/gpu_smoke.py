@@ -160,7 +160,7 @@ def _model_cases(s: Smoke, data: dict[str, Path], model: str) -> None:
         s.case(f"{kind}: 2 refinement steps, {mode}", lambda m=mode: s.cli(
             *un, "--device", dev, "--refine-steps", 2, "--refine-damping", m, "--out", w / f"refine-{m}"))
     _prepare_cases(s, common, adapter, train, edits, w, kind)
-    s.case(f"{kind}: generate", lambda: s.cli("generate", *common, "--device", dev, "--adapter", w / "default",
+    s.case(f"{kind}: generate", lambda: s.cli("generate", *common, "--device", dev, "--adapter", adapter,
                                               "--data", train, "--out", w / "answers.jsonl", "--max-new-tokens", 4))
 
 
