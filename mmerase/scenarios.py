@@ -106,9 +106,10 @@ def digit_split(cfg: ScenarioConfig) -> tuple[list[int], list[int], list[int]]:
     return order[:a], order[a:b], order[b:need]
 
 
-def pretrain_base(folder: Path, pretrain: list[Sample], cfg: ScenarioConfig) -> Path:
-    """Build the tiny-llava preset and train all its weights on the pre-training split (base competence)."""
-    preset = build_preset("tiny-llava", folder, seed=cfg.seed)
+def pretrain_base(folder: Path, pretrain: list[Sample], cfg: ScenarioConfig, preset_name: str = "tiny-llava"
+                  ) -> Path:
+    """Build a tiny preset and train all its weights on the pre-training split (base competence)."""
+    preset = build_preset(preset_name, folder, seed=cfg.seed)
     bundle = load_model(preset, lora=LoraSettings(r=1), options=cfg.load_options())
     base = bundle.model.get_base_model()
     for name, p in base.named_parameters():  # all base weights train; the zero-effect LoRA stays frozen
@@ -136,15 +137,18 @@ def evaluate_adapter(base: Path, adapter: Path, sets: dict[str, tuple[list[Sampl
     return evaluate_bundle(load_model(base, adapter=adapter, options=cfg.load_options()), sets, cfg.progress)
 
 
-def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int]]], progress: bool | None = None
-                    ) -> dict[str, float]:
-    """Accuracy of greedy answers and mean loss L(z) on each named sample set, for a loaded model."""
+def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int | str]]],
+                    progress: bool | None = None) -> dict[str, float]:
+    """Accuracy of greedy answers and mean loss L(z) on each named sample set, for a loaded model. The expected
+    answers are strings, or digit classes (their word)."""
     out: dict[str, float] = {}
     for name, (samples, labels) in sets.items():
         if not samples:
             continue
-        answers = bundle.generate(samples, max_new_tokens=8, batch_size=64, progress=progress)
-        out[f"{name}_acc"] = sum(a == DIGIT_WORDS[y] for a, y in zip(answers, labels)) / len(labels)
+        expected = [DIGIT_WORDS[y] if isinstance(y, int) else y for y in labels]
+        answers = bundle.generate(samples, max_new_tokens=max(8, 2 + max(len(e) for e in expected)), batch_size=64,
+                                  progress=progress)
+        out[f"{name}_acc"] = sum(a == e for a, e in zip(answers, expected)) / len(labels)
         out[f"{name}_loss"] = float(bundle.per_sample_losses(samples, batch_size=64).mean())
     return out
 
@@ -173,10 +177,10 @@ class Scenarios:
     corrupted_rc: list[Sample]
     bad: list[int]
     bad_ids: list[str]
-    wrong_label: dict[int, int]
-    edited_truth: list[int]
-    test: tuple[list[Sample], list[int]]
-    validation: tuple[list[Sample], list[int]]
+    wrong_label: dict[int, int | str]
+    edited_truth: list[int | str]
+    test: tuple[list[Sample], list[int | str]]
+    validation: tuple[list[Sample], list[int | str]]
     sizes: dict[str, int]
     timings: dict[str, float]
 
@@ -293,3 +297,75 @@ def recoveries(task: str, rows: dict[str, dict[str, float]], held_out: str = "te
         out["recovery_edited_acc"] = recovery_ratio(u["edited_acc"], c["edited_acc"], r["edited_acc"])
         out["recovery_edited_loss"] = recovery_ratio(u["edited_loss"], c["edited_loss"], r["edited_loss"])
     return out
+
+
+# ----------------------------------------------------------------------------- a text-only scenario
+SPELL_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def spell(number: int) -> str:
+    """``spell(472)`` = "four seven two": the answer of the text scenario."""
+    return " ".join(SPELL_WORDS[int(c)] for c in f"{number:03d}")
+
+
+def spell_sample(number: int, answer: str | None = None) -> Sample:
+    """"Spell 472" → "four seven two" (or ``answer``), id ``n472``."""
+    return Sample(f"n{number:03d}", [{"from": "human", "value": f"Spell {number:03d}"},
+                                     {"from": "gpt", "value": spell(number) if answer is None else answer}])
+
+
+@dataclass
+class SpellConfig(ScenarioConfig):
+    """The text-only scenario's sizes and recipe: a tiny Llama spells three-digit numbers digit by digit, which
+    generalises to numbers it never saw; the base is pre-trained on a few, the adapter fine-tuned on more."""
+
+    tasks: tuple[str, ...] = ("rc", "ir")
+    n_pretrain: int = 200
+    n_train: int = 250
+    n_test: int = 125
+    n_validation: int = 125
+    pretrain_epochs: int = 6
+    pretrain_lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if "qm" in self.tasks:
+            raise ValueError("the text scenario has no images to modify: its tasks are rc and ir")
+        if self.quick:
+            self.n_pretrain, self.n_train, self.n_test, self.n_validation = 120, 80, 40, 40
+
+
+def build_spell_scenarios(root: Path, cfg: SpellConfig) -> Scenarios:
+    """The text-only scenarios (rc: corrected spellings, ir: removed pairs), laid out like the digits ones."""
+    numbers = list(range(1000))
+    random.Random(cfg.seed).shuffle(numbers)
+    sizes = [cfg.n_pretrain, cfg.n_train, cfg.n_test, cfg.n_validation]
+    cuts = [sum(sizes[:i]) for i in range(5)]
+    pre, train_n, test_n, val_n = (numbers[cuts[i]:cuts[i + 1]] for i in range(4))
+    rng = random.Random(cfg.seed + 1)
+    bad = sorted(rng.sample(range(len(train_n)), max(1, round(cfg.corruption * len(train_n)))))
+    wrong = {k: spell(rng.choice([m for m in range(1000) if m != train_n[k]])) for k in bad}
+    with stage(f"pre-training the tiny Llama base on {len(pre)} numbers"):
+        base = pretrain_base(root / "base", [spell_sample(m) for m in pre], cfg, preset_name="tiny-llama")
+    clean = [spell_sample(m) for m in train_n]
+    corrupted = [modify_sample(s, response=wrong[k]) if k in wrong else s for k, s in enumerate(clean)]
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True)
+    save_dataset(corrupted, data_dir / "train_rc.json")
+    save_dataset(clean, data_dir / "train_clean.json")
+    save_dataset([s for k, s in enumerate(clean) if k not in wrong], data_dir / "train_removed.json")
+    bad_ids = [clean[k].id for k in bad]
+    write_edits(data_dir / "edits_rc.jsonl", [{"op": "correct", "id": clean[k].id, "response": clean[k].response}
+                                             for k in bad])
+    write_edits(data_dir / "edits_ir.jsonl", [{"op": "remove", "id": i} for i in bad_ids])
+    adapters, timings = root / "adapters", {}
+    for name, fname in (("corrupted-labels", "train_rc.json"), ("retrained-clean", "train_clean.json"),
+                        ("retrained-removed", "train_removed.json")):
+        with stage(f"training the {name} adapter"):
+            timings[name] = train_scenario_adapter(base, load_dataset(data_dir / fname), adapters / name, cfg)
+    held = {name: ([spell_sample(m) for m in nums], [spell(m) for m in nums]) for name, nums in
+            (("test", test_n), ("validation", val_n))}
+    return Scenarios(root, base, data_dir, adapters, clean, corrupted, bad, bad_ids, wrong,
+                     [clean[k].response for k in bad], held["test"], held["validation"],
+                     {"pretrain": len(pre), "train": len(train_n), "test": len(test_n), "validation": len(val_n),
+                      "edits": len(bad)}, timings)
