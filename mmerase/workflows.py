@@ -21,7 +21,7 @@ from .prepare import Preparation, PreconditionerConfig, open_preparation, prepar
 from .influence import InfluenceEngine, SolverConfig, SolveResult
 from .influence.distributed import world
 from .influence.plan import resolve
-from .methods import (MethodError, MethodResult, check_request, estimate as estimate_cost, measure_costs,
+from .methods import (MethodError, MethodResult, Meter, check_request, estimate as estimate_cost, measure_costs,
                       retraining_passes, unlearn)
 from .models import LoadOptions, LoraSettings, load_model
 from .options import option
@@ -300,7 +300,8 @@ def unlearn_record(req: UnlearnRequest, done: MethodResult, *, base: str, adapte
                     "estimate": result.info.get("damping")},
         "prepared": None if prep is None else {
             "path": str(prepared), "kind": prep.record.get("kind"), "notes": req.prep_notes,
-            "made_for_adapter": (prep.record.get("adapter") or {}).get("sha256")},
+            "made_for_adapter": (prep.record.get("adapter") or {}).get("sha256"),
+            "accounting": prep.record.get("accounting")},  # its cost, paid once by `mmerase prepare`
     })
     return record
 
@@ -320,10 +321,12 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
     cache = bundle.feature_cache() if cache_features else None
     engine = InfluenceEngine(bundle.model, bundle.loss_fn if cache is None else cache.loss_fn, train,
                              collate_fn=bundle.collate if cache is None else cache.collate)
-    prep = prepare(engine, plan, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
-                   extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
-                          "data": {"path": str(data)}, "solver": plan.config.to_dict(),
-                          "load": asdict(bundle.options)})
+    with Meter(engine) as meter:
+        prep = prepare(engine, plan, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
+                       extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
+                              "data": {"path": str(data)}, "solver": plan.config.to_dict(),
+                              "load": asdict(bundle.options)})
+    prep.record["accounting"] = meter.accounting(retrain_passes=retraining_passes(read_record(adapter))).to_dict()
     prep.record["timings"] = {"load_s": t_load, "prepare_s": time.perf_counter() - t0 - t_load}
     save_preparation(prep, out)
     return prep

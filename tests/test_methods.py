@@ -467,18 +467,25 @@ def test_accounting_counts_the_passes_actually_made(tiny_llama_dir, method):
                           batch_size=3, progress=False) if method == "influence" else M.CONFIGS[method](
         lr=1e-3, batch_size=2, progress=False, **({"npo_retain": True} if method == "npo" else {}))
     counter = _IndependentCounter(bundle.model)
+    seen = []
     try:
-        result = M.unlearn(bundle, train, edits, method, config, budget=20)
+        result = M.unlearn(bundle, train, edits, method, config, budget=20,
+                           checkpoints=M.Checkpoints(seen.append, every=1))
     finally:
         counter.close()
     acc = result.accounting
     assert (acc.forward_passes, acc.backward_passes) == (counter.forward, counter.backward)
+    # checkpoints: every step (every Newton step for influence), with the passes spent so far
+    assert [c.step for c in seen] == list(range(1, len(seen) + 1)) and len(seen) >= 1
+    passes = [c.sample_passes for c in seen]
+    assert passes == sorted(passes) and passes[-1] <= acc.sample_passes + 1e-9
     assert acc.forward_passes > 0 and acc.backward_passes > 0
     if method == "influence":
         assert acc.backward_passes > acc.forward_passes  # double backwards
         assert acc.within_budget is False and acc.product_samples > 0
     else:
         assert acc.sample_passes == pytest.approx(result.info["planned_sample_passes"]) and acc.within_budget
+        assert len(seen) == result.info["steps"] and passes[-1] == pytest.approx(acc.sample_passes)
     if method == "ga":  # the two old versions and the corrected one's new version
         assert acc.samples_touched == 3
 

@@ -9,10 +9,11 @@
 it would cost. Every gradient method trains through the one training loop, :func:`mmerase.training.train_steps`.
 """
 
-from .accounting import Accounting, Budget, CheckpointInfo, Checkpoints, PassCounter, measure_costs, retraining_passes
+from .accounting import (Accounting, Budget, CheckpointInfo, Checkpoints, Meter, PassCounter, measure_costs,
+                         retraining_passes)
 from .base import Job, Method, MethodError, MethodOptions, MethodOutput, check_serves
 from .registry import METHODS, get_method, method_names, register_method
-from .influence import Influence  # noqa: E402  (registration order: the default first)
+from .influence import Influence  # registered first: the default method leads the choices
 from .finetune import Finetune, FinetuneConfig
 from .ga import GAConfig, GradientAscent
 from .graddiff import GradDiffConfig, GradientDifference
@@ -26,7 +27,7 @@ CONFIGS = {name: cls.config_class for name, cls in METHODS.items()}
 __all__ = [
     "Accounting", "Budget", "CONFIGS", "CheckpointInfo", "Checkpoints", "Finetune", "FinetuneConfig", "GAConfig",
     "GradDiffConfig", "GradientAscent", "GradientDifference", "Influence", "Job", "KLConfig", "KLMinimisation",
-    "METHODS", "Method", "MethodError", "MethodOptions", "MethodOutput", "MethodResult", "NPO", "NPOConfig",
-    "PassCounter", "check_request", "check_serves", "estimate", "get_method", "measure_costs", "method_names", "register_method",
-    "retraining_passes", "unlearn",
+    "METHODS", "Meter", "Method", "MethodError", "MethodOptions", "MethodOutput", "MethodResult", "NPO", "NPOConfig",
+    "PassCounter", "check_request", "check_serves", "estimate", "get_method", "measure_costs", "method_names",
+    "register_method", "retraining_passes", "unlearn",
 ]

@@ -64,8 +64,9 @@ class MethodOptions:
 class Job:
     """One request as a method sees it. ``engine`` (an :class:`~mmerase.influence.InfluenceEngine`) holds the model,
     the loss, the collate and the training set; ``budget`` is in sample passes (None: none given);
-    ``checkpoints`` (:class:`~.accounting.Checkpoints`) and ``retrain_passes`` serve the gradient methods;
-    ``plan`` and ``preconditioner`` the influence method."""
+    ``checkpoints`` (:class:`~.accounting.Checkpoints`) are called back during the run; ``retrain_passes`` turns
+    checkpoint budgets in % into sample passes; ``plan`` and ``preconditioner`` serve the influence method; ``meter``
+    is the :class:`~.accounting.Meter` measuring the run (its counter gives the passes made so far)."""
 
     engine: Any
     edits: list[Any]
@@ -75,6 +76,7 @@ class Job:
     checkpoints: Any = None
     plan: Any = None
     preconditioner: Any = None
+    meter: Any = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..options import option
-from .base import Job
+from .base import Job, MethodError
 from .gradient import EditSets, GradientConfig, GradientMethod, Stream, check_weight, mean_terms
 from .registry import register_method
 
@@ -44,8 +44,6 @@ class Finetune(GradientMethod):
 
     def streams(self, job: Job, sets: EditSets) -> list[Stream]:
         if not sets.edited:
-            from .base import MethodError
-
             raise MethodError("method 'finetune': the edits remove every training sample, nothing is left to train on")
         self.edited_ids = {id(s) for s in sets.new + sets.added}
         return [self.stream(job, "train", sets.edited, 0)]

@@ -119,7 +119,9 @@ class Stream:
 
 class GradientMethod(Method):
     """A method that trains the adapter with the one training loop and spends a budget. Subclasses define
-    :meth:`streams` and :meth:`terms`, and :meth:`prepare` for up-front work (returning its sample passes)."""
+    :meth:`streams` and :meth:`terms`, and :meth:`prepare` for up-front work (costing :meth:`upfront_passes`). An
+    instance serves one request (:func:`~.registry.get_method` makes a new one each time): up-front results such as
+    reference log-probabilities are kept on it."""
 
     spends_budget: ClassVar[bool] = True
 
@@ -256,7 +258,8 @@ class AscentMethod(GradientMethod):
 
 def mean_terms(name: str, samples: list[Any], fn: Callable[[list[Any]], torch.Tensor], scale: float = 1.0
                ) -> Iterable[tuple[str, torch.Tensor]]:
-    """``scale`` × the batch-mean term ``fn(samples)``, split over processes (:func:`~mmerase.training.sharded_terms`)."""
+    """``scale`` × the batch-mean term ``fn(samples)``, split over processes
+    (:func:`~mmerase.training.sharded_terms`)."""
     for n, t in sharded_terms(name, samples, fn):
         yield n, t if scale == 1.0 else t * scale
 
@@ -266,5 +269,5 @@ def check_weight(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
 
 
-__all__ = ["AscentMethod", "EditSets", "GradientConfig", "GradientMethod", "MAX_STEPS", "SCHEDULES", "Stream", "check_weight",
-           "mean_terms"]
+__all__ = ["AscentMethod", "EditSets", "GradientConfig", "GradientMethod", "MAX_STEPS", "SCHEDULES", "Stream",
+           "check_weight", "mean_terms"]

@@ -2,18 +2,21 @@
 :meth:`mmerase.influence.InfluenceEngine.solve` with a :class:`~mmerase.influence.SolverConfig`.
 
 Its settings decide its cost (it spends no budget; a budget given is recorded with whether the cost stayed within
-it). Every pass of the solve is counted by the accounting: b, the damping estimate, the solve's products, the
+it). Checkpoints (:class:`~.accounting.Checkpoints`) see every Newton step of one solve: the plain update, then each
+refinement step, with what it had cost so far. Every pass of the solve is counted by the accounting: b, the damping estimate, the solve's products, the
 stationarity check, refinement steps and their line searches.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ..influence import SolverConfig
 from ..influence.distributed import is_zero3
 from ..influence.plan import ESTIMATE, resolve
+from .accounting import CheckpointInfo
 from .base import Job, Method, MethodOutput
 from .registry import register_method
 
@@ -31,9 +34,24 @@ class Influence(Method):
                        zero3=is_zero3(job.engine.model))
 
     def run(self, job: Job) -> MethodOutput:
-        result = job.engine.solve(job.edits, self.plan(job), preconditioner=job.preconditioner)
+        result = job.engine.solve(job.edits, self.plan(job), preconditioner=job.preconditioner,
+                                  callback=self.checkpointer(job))
         return MethodOutput(info=result.summary(), delta=result.delta, solve=result,
                             product_samples=result.product_samples)
+
+    @staticmethod
+    def checkpointer(job: Job) -> Callable[[int, Any, dict[str, Any]], None] | None:
+        """The solve's callback for ``job.checkpoints``: called after every Newton step (1: the plain influence
+        update; then each refinement step) with the model at θ̂ + δ of that step and the sample passes counted so far
+        (this process's; the stationarity gradient of that step included)."""
+        spec, counter = job.checkpoints, getattr(job.meter, "counter", None)
+        if spec is None:
+            return None
+
+        def callback(step: int, _delta: Any, _record: dict[str, Any]) -> None:
+            passes = (counter.forward + 2 * counter.backward) / 3 if counter is not None else float("nan")
+            spec.callback(CheckpointInfo(step, passes))
+        return callback
 
     def estimate(self, job: Job, costs: dict[str, Any]) -> dict[str, Any]:
         """Bounds: b and the stationarity check are exact; the damping estimate, the solve (≤ max_steps products)

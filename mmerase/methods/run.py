@@ -89,8 +89,8 @@ def unlearn(target: Any, train: Sequence[Any] | None, edits: Sequence[Any], meth
     retraining — which needs ``retrain_passes`` — or a :class:`Budget`; the gradient methods need one).
 
     An edit the method cannot serve, or a budget ≤ 0, is refused with a :class:`MethodError` before any work.
-    ``checkpoints`` (:class:`Checkpoints`) calls back during a gradient method's run (e.g. to score nested budgets
-    from one run); ``preconditioner`` and ``plan`` go to the influence solve; ``costs`` (from
+    ``checkpoints`` (:class:`Checkpoints`) calls back during the run (a gradient method's: every k steps and at
+    nested budgets; influence's: after every Newton step), e.g. to score several budgets from one run; ``preconditioner`` and ``plan`` go to the influence solve; ``costs`` (from
     :func:`~.accounting.measure_costs`) adds a curvature product's measured cost in gradients to the accounting.
     On return the model holds θ_new (θ̂ when ``apply=False``).
     """
@@ -99,6 +99,7 @@ def unlearn(target: Any, train: Sequence[Any] | None, edits: Sequence[Any], meth
     engine = job.engine
     theta_hat = [p.detach().clone() for p in engine.params]
     with Meter(engine) as meter:
+        job.meter = meter
         out = spec.run(job)
     accounting = meter.accounting(product_samples=out.product_samples, retrain_passes=retrain_passes,
                                   budget_passes=job.budget,
