@@ -2,9 +2,9 @@
 :meth:`mmerase.influence.InfluenceEngine.solve` with a :class:`~mmerase.influence.SolverConfig`.
 
 Its settings decide its cost (it spends no budget; a budget given is recorded with whether the cost stayed within
-it). Checkpoints (:class:`~.accounting.Checkpoints`) see every Newton step of one solve: the plain update, then each
-refinement step, with what it had cost so far. Every pass of the solve is counted by the accounting: b, the damping estimate, the solve's products, the
-stationarity check, refinement steps and their line searches.
+it). Every pass of the solve is counted by the accounting: b, the damping estimate, the solve's products, the
+stationarity check, refinement steps and their line searches. Checkpoints (:class:`~.accounting.Checkpoints`) see
+every Newton step of one solve: the plain update, then each refinement step, with what it had cost so far.
 """
 
 from __future__ import annotations

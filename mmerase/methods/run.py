@@ -90,17 +90,22 @@ def unlearn(target: Any, train: Sequence[Any] | None, edits: Sequence[Any], meth
 
     An edit the method cannot serve, or a budget ≤ 0, is refused with a :class:`MethodError` before any work.
     ``checkpoints`` (:class:`Checkpoints`) calls back during the run (a gradient method's: every k steps and at
-    nested budgets; influence's: after every Newton step), e.g. to score several budgets from one run; ``preconditioner`` and ``plan`` go to the influence solve; ``costs`` (from
-    :func:`~.accounting.measure_costs`) adds a curvature product's measured cost in gradients to the accounting.
-    On return the model holds θ_new (θ̂ when ``apply=False``).
+    nested budgets; influence's: after every Newton step), e.g. to score several budgets from one run;
+    ``preconditioner`` and ``plan`` go to the influence solve; ``costs`` (from :func:`~.accounting.measure_costs`)
+    adds a curvature product's measured cost in gradients to the accounting.
+    On return the model holds θ_new (θ̂ when ``apply=False``, or when the run fails).
     """
     spec, job, budget_text = make_job(target, train, edits, method, config, budget, retrain_passes, labels)
     job.checkpoints, job.preconditioner, job.plan = checkpoints, preconditioner, plan
     engine = job.engine
     theta_hat = [p.detach().clone() for p in engine.params]
-    with Meter(engine) as meter:
-        job.meter = meter
-        out = spec.run(job)
+    try:
+        with Meter(engine) as meter:
+            job.meter = meter
+            out = spec.run(job)
+    except BaseException:  # a failed run leaves the adapter as it found it
+        engine.set_parameters(theta_hat)
+        raise
     accounting = meter.accounting(product_samples=out.product_samples, retrain_passes=retrain_passes,
                                   budget_passes=job.budget,
                                   product_cost_gradients=(costs or {}).get("product_cost_gradients"),
