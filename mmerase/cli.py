@@ -63,23 +63,71 @@ def _cmd_finetune(a: argparse.Namespace, c: dict[type, Any]) -> int:
 
 def _cmd_unlearn(a: argparse.Namespace, c: dict[type, Any]) -> int:
     from .distributed import init_from_env, shutdown
-    from .influence import SolverConfig
+    from .methods import METHODS, MethodOptions
     from .workflows import UnlearnFiles, run_unlearn
 
-    files, solver = c[UnlearnFiles], c[SolverConfig]
+    files, choice = c[UnlearnFiles], c[MethodOptions]
+    _refuse_foreign_method_options(a, choice.method)
     dist = init_from_env()  # torchrun/deepspeed launch: one process group, rank 0 writes
     try:
-        outcome = run_unlearn(files.base, files.adapter, files.data, files.edits, files.out, solver=solver,
-                              options=_load_options(c), deepspeed_config=files.deepspeed, prepared=files.prepared)
+        outcome = run_unlearn(files.base, files.adapter, files.data, files.edits, files.out,
+                              solver=c[_solver_config()], options=_load_options(c), deepspeed_config=files.deepspeed,
+                              prepared=files.prepared, method=choice.method,
+                              method_config=c[METHODS[choice.method].config_class], budget=choice.budget,
+                              retrain_passes=choice.retrain_passes, estimate=choice.estimate)
     finally:
         shutdown(dist)
     if not dist.is_main:
         return 0
-    r = outcome.result
-    state = "converged" if r.converged else f"NOT converged (tol {solver.tol:g})"
-    print(f"unlearned adapter written to {outcome.out} | residual {r.residual:.2e} ({state}, {r.steps} steps) | "
+    if outcome.estimate is not None:
+        print(_estimate_line(outcome.estimate))
+        return 0
+    done, acc = outcome.method, outcome.method.accounting
+    if outcome.result is not None:
+        r, tol = outcome.result, done.config.tol
+        state = "converged" if r.converged else f"NOT converged (tol {tol:g})"
+        what = f"residual {r.residual:.2e} ({state}, {r.steps} steps)"
+    else:
+        losses = done.info["step_losses"]
+        what = f"{done.method}: {done.info['steps']} steps, loss {losses[0]:.4f} → {losses[-1]:.4f}"
+    frac = acc.retraining_fraction
+    cost = f"{acc.sample_passes:.0f} sample passes" + (f" ({frac:.3g} of a retraining)" if frac is not None else "")
+    print(f"unlearned adapter written to {outcome.out} | {what} | {cost} | "
           f"{outcome.record['timings']['total_s']:.1f} s")
     return 0
+
+
+def _solver_config() -> type:
+    from .influence import SolverConfig
+
+    return SolverConfig
+
+
+def _estimate_line(est: dict[str, Any]) -> str:
+    frac = est.get("retraining_fraction")
+    costs = est["costs"]
+    bound = "" if est["exact"] else "at most "
+    steps = f"{est['steps']} steps, " if "steps" in est else ""
+    measured = f"one sample pass {costs['sample_pass_s']:.3g} s"
+    if costs.get("product_cost_gradients"):
+        measured += (f"; a product per sample {costs['product_sample_passes']:.3g} sample passes, "
+                     f"{costs['product_cost_gradients']:.2f} gradients in time")
+    return (f"estimate for --method {est['method']}: {steps}{bound}{est['sample_passes']:.0f} sample passes"
+            + (f" ({frac:.3g} of a retraining)" if frac is not None else "")
+            + f", {bound}about {est['seconds']:.1f} s (measured: {measured}); nothing was written")
+
+
+def _refuse_foreign_method_options(a: argparse.Namespace, method: str) -> None:
+    """An option of another method's config set to a non-default value is a mistake: say so instead of ignoring it."""
+    from .methods import METHODS
+
+    own = {fl.dest for fl in Group(METHODS[method].config_class).flags()}
+    for name, cls in METHODS.items():
+        if name == method or cls.config_class is _solver_config():
+            continue
+        for fl in Group(cls.config_class).flags():
+            if fl.dest not in own and getattr(a, fl.dest, fl.default) != fl.default:
+                raise UsageError(f"{fl.flag} does not apply to --method {method} (it is an option of --method {name})")
 
 
 def _cmd_prepare(a: argparse.Namespace, c: dict[type, Any]) -> int:
@@ -138,10 +186,17 @@ def _finetune_groups() -> list[Group]:
 
 def _unlearn_groups() -> list[Group]:
     from .influence import SolverConfig
+    from .methods import METHODS, MethodOptions
     from .models import LoadOptions
     from .workflows import UnlearnFiles
 
-    return [Group(UnlearnFiles), Group(LoadOptions, only=LOAD), Group(SolverConfig)]
+    others = [Group(cls.config_class) for cls in METHODS.values() if cls.config_class is not SolverConfig]
+    return [Group(UnlearnFiles), Group(LoadOptions, only=LOAD), Group(MethodOptions), Group(SolverConfig), *others]
+
+
+#: options every gradient method has (one flag sets them all)
+METHOD_SHARED = ("progress", "method_lr", "method_batch_size", "method_seed", "method_schedule", "method_warmup_steps",
+                 "method_weight_decay", "method_max_grad_norm", "retain_weight")
 
 
 def _prepare_groups() -> list[Group]:
@@ -176,7 +231,7 @@ COMMANDS = [
     Command("finetune", "train a LoRA adapter (also the retrain-from-scratch baseline)", _finetune_groups,
             _cmd_finetune, shared=("seed", "progress")),
     Command("unlearn", "remove / modify / correct / add training samples: writes a NEW adapter folder",
-            _unlearn_groups, _cmd_unlearn),
+            _unlearn_groups, _cmd_unlearn, shared=METHOD_SHARED),
     Command("prepare", "once per adapter: save a preconditioner that makes every later `unlearn --prepared` cheap",
             _prepare_groups, _cmd_prepare, shared=("batch_size", "seed", "progress")),
     Command("generate", "greedy answers for an evaluation file (JSONL out: id, answer)", _generate_groups,
@@ -235,10 +290,11 @@ def _top_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .influence import InfluenceError
+    from .methods import MethodError
     from .models import ModelLoadError
     from .record import OutputExistsError
 
-    return (UsageError, DataError, InfluenceError, ModelLoadError, OutputExistsError, FileNotFoundError,
+    return (UsageError, DataError, InfluenceError, MethodError, ModelLoadError, OutputExistsError, FileNotFoundError,
             NotADirectoryError, PermissionError)
 
 

@@ -93,32 +93,39 @@ def gib(n_bytes: int | float) -> float:
     return round(n_bytes / 2**30, 3)
 
 
-__all__ = ["PeakMemory", "gib"]
+__all__ = ["PeakMemory", "engine_memory_report", "gib", "product_report", "training_step_report"]
 
 
-def engine_memory_report(engine: Any, plan: Any, seed: int = 0) -> dict[str, Any]:
-    """Peak memory and time of one training step and of one curvature product, on the first ``config.batch_size``
-    training samples, for the run record (the whole solve is measured by the caller around ``engine.solve``).
-
-    The training step is a forward and backward of that batch in training mode (what a fine-tuning step costs
-    without the optimizer's update, which for an adapter is small); the product is ``engine.product`` over the same
-    samples with the solve's curvature, split over the ranks as the solve splits it. Every rank must call this
-    (products are collective).
-    """
-    config = plan.config  # a resolved SolvePlan: the solve's own curvature object
-    idx = list(range(min(config.batch_size, engine.n)))
+def training_step_report(engine: Any, indices: list[int]) -> dict[str, Any]:
+    """Peak memory and time of one training step on training samples ``indices``: a forward and backward in training
+    mode (what a fine-tuning step costs without the optimizer's update, which for an adapter is small)."""
     modes = [(m, m.training) for m in engine.model.modules()]
     engine.model.train()
     try:
         with PeakMemory(engine.device) as step:
-            loss = engine.loss(engine.collate([engine.train_set[i] for i in idx]), "the memory report's batch")
+            loss = engine.loss(engine.collate([engine.train_set[i] for i in indices]), "the memory report's batch")
             torch.autograd.grad(loss, engine.params, allow_unused=True)
             del loss
     finally:
         for m, t in modes:
             m.training = t
+    return {"batch_samples": len(indices), "train_step": step.result}
+
+
+def product_report(engine: Any, plan: Any, indices: list[int], seed: int = 0) -> dict[str, Any]:
+    """Peak memory and time of one curvature product (the solve's curvature, split over the ranks as the solve splits
+    it) over training samples ``indices``, with a seeded random vector."""
     g = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) for p in engine.params]
     with PeakMemory(engine.device) as product:
-        engine.product(v, plan.curvature, indices=idx, batch_size=config.batch_size)
-    return {"batch_samples": len(idx), "train_step": step.result, "product": product.result}
+        engine.product(v, plan.curvature, indices=indices, batch_size=plan.config.batch_size)
+    return product.result
+
+
+def engine_memory_report(engine: Any, plan: Any, seed: int = 0) -> dict[str, Any]:
+    """Peak memory and time of one training step (:func:`training_step_report`) and of one curvature product
+    (:func:`product_report`), on the first ``config.batch_size`` training samples, for the run record (the whole
+    solve is measured by the caller around ``engine.solve``). Every rank must call this (products are collective).
+    """
+    idx = list(range(min(plan.config.batch_size, engine.n)))  # plan: a resolved SolvePlan
+    return {**training_step_report(engine, idx), "product": product_report(engine, plan, idx, seed)}

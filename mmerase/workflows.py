@@ -21,7 +21,8 @@ from .prepare import Preparation, PreconditionerConfig, open_preparation, prepar
 from .influence import InfluenceEngine, SolverConfig, SolveResult
 from .influence.distributed import world
 from .influence.plan import resolve
-from .memory import PeakMemory, engine_memory_report
+from .methods import (MethodError, MethodResult, Meter, check_request, estimate as estimate_cost, measure_costs,
+                      retraining_passes, unlearn)
 from .models import LoadOptions, LoraSettings, load_model
 from .options import option
 from .record import (OutputExistsError, atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file,
@@ -132,80 +133,134 @@ def read_record(adapter: str | Path) -> dict[str, Any] | None:
 
 @dataclass
 class UnlearnOutcome:
+    """What :func:`run_unlearn` did: the output folder, the influence solve (``result``; None for another method),
+    the run record, the method's result (``method``: δ, parameters, accounting), or only an ``estimate``."""
+
     out: Path
-    result: SolveResult
+    result: SolveResult | None
     record: dict[str, Any] = field(default_factory=dict)
+    method: MethodResult | None = None
+    estimate: dict[str, Any] | None = None
+
+
+@dataclass
+class UnlearnRequest:
+    """An unlearning request read and checked before any model is loaded (see :func:`open_request`)."""
+
+    train: list
+    requests: list
+    previous: dict[str, Any] | None
+    method: Any
+    config: Any
+    budget: str | None
+    retraining: dict[str, Any]
+    labels: list[tuple[str, str]]
+    plan: Any = None
+    preparation: Preparation | None = None
+    prep_notes: list[str] = field(default_factory=list)
+
+    @property
+    def edits(self) -> list:
+        return [r.edit for r in self.requests]
+
+
+def retraining_info(previous: dict[str, Any] | None, retrain_passes: int | None) -> dict[str, Any]:
+    """One retraining's sample passes and where they come from (``--retrain-passes``, else the adapter's record)."""
+    recorded = retraining_passes(previous)
+    if retrain_passes is not None:
+        return {"passes": int(retrain_passes), "source": "--retrain-passes", "recorded": recorded}
+    return {"passes": recorded, "source": "adapter run record" if recorded else None}
+
+
+def open_request(adapter: str | Path, data: str | Path, edits: str | Path, *, method: str, method_config: Any,
+                 solver: SolverConfig, budget: str | None, retrain_passes: int | None,
+                 prepared: str | Path | None, zero3: bool) -> UnlearnRequest:
+    """Read the data, edits and the adapter's record and refuse what the method cannot do, before any work: an op it
+    cannot serve (naming the edits file line), a budget ≤ 0 or in % without a retraining's passes, a preparation
+    for a method that does not use one. For influence, resolve the solve's plan (and open the preparation)."""
+    train = load_dataset(data)
+    requests = parse_edits(edits, train)
+    previous = read_record(adapter)
+    retraining = retraining_info(previous, retrain_passes)
+    labels = [(r.record["op"], f"edits file line {r.line}") for r in requests]
+    config = method_config if method_config is not None else (solver if method == "influence" else None)
+    spec, config, _, budget_text = check_request(method, [r.edit for r in requests], config, budget,
+                                                 retraining["passes"], labels, how="--method ")
+    req = UnlearnRequest(train, requests, previous, spec, config, budget_text, retraining, labels)
+    if spec.name != "influence":
+        if prepared:
+            raise MethodError(f"--prepared preconditions the influence solve; method '{spec.name}' does not use it")
+        return req
+    req.preparation, req.prep_notes = open_preparation(prepared, adapter=adapter, data=data, solver=config,
+                                                       adapter_record=previous) if prepared else (None, [])
+    req.plan = resolve(config, preparation_damping=req.preparation.damping if req.preparation else None, zero3=zero3)
+    if req.plan.damping_source == "preparation":
+        req.prep_notes.append(f"damping 'auto' uses the preparation's λ = {req.plan.damping:g}")
+    return req
 
 
 def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | Path, out: str | Path, *,
                 solver: SolverConfig, options: LoadOptions, deepspeed_config: str | Path | None = None,
-                memory_report: bool = True, prepared: str | Path | None = None,
-                cache_features: bool = True) -> UnlearnOutcome:
+                memory_report: bool = True, prepared: str | Path | None = None, cache_features: bool = True,
+                method: str = "influence", method_config: Any = None, budget: str | None = None,
+                retrain_passes: int | None = None, estimate: bool = False) -> UnlearnOutcome:
     """base + adapter + training data + edits file → a new adapter folder ``out`` with its run record.
 
     The input adapter and data are only read. ``out`` appears only when everything was written.
 
+    ``method`` (default ``influence``, with ``solver``) is any registered unlearning method
+    (:mod:`mmerase.methods`) with its ``method_config`` (default: its defaults; for influence, ``solver``) and a
+    compute ``budget`` (sample passes, or ``"10%"`` of one retraining: epochs × n of the adapter's fine-tune record,
+    or ``retrain_passes``). The record has the method, its config, the budget, what it did and the accounting
+    (:mod:`mmerase.methods.accounting`). ``estimate=True`` measures one gradient (and product), returns what the
+    request would cost in ``outcome.estimate`` and writes nothing.
+
     Under torch.distributed (the process group already initialised, e.g. by the CLI under torchrun) every rank
-    runs this with the same arguments: the solve is data-parallel, rank 0 alone writes ``out`` and the others wait
+    runs this with the same arguments: the work is data-parallel, rank 0 alone writes ``out`` and the others wait
     for it at a barrier. ``deepspeed_config`` (a ZeRO-3 JSON file) partitions the frozen base across the ranks
-    (first-order curvatures only). ``memory_report`` adds the peak memory of one training step, one product and
-    the whole solve (rank 0's, per process) to the record.
+    (first-order curvatures only). ``memory_report`` adds the peak memory of one training step, one product (for
+    influence) and the whole run (rank 0's, per process) to the record, and the product's measured cost in gradients
+    to the accounting.
 
     ``prepared`` (a folder from :func:`run_prepare`) preconditions the solve: same δ to the tolerance, fewer products;
     it is refused if made for another adapter (unless this one descends from it), dataset, curvature or damping.
-    ``cache_features`` computes frozen image features once instead of in every product (exact; LLaVA only).
+    ``cache_features`` computes frozen image features once instead of in every product (exact; LLaVA, influence
+    only: the gradient methods run the model as the fine-tune does).
     """
-    _refuse_existing(out)
+    if not estimate:
+        _refuse_existing(out)
     t0 = time.perf_counter()
-    train = load_dataset(data)
-    requests = parse_edits(edits, train)
-    previous = read_record(adapter)
-    preparation, prep_notes = open_preparation(prepared, adapter=adapter, data=data, solver=solver,
-                                               adapter_record=previous) if prepared else (None, [])
-    plan = resolve(solver, preparation_damping=preparation.damping if preparation else None,
-                   zero3=deepspeed_config is not None)
-    if plan.damping_source == "preparation":
-        prep_notes.append(f"damping 'auto' uses the preparation's λ = {plan.damping:g}")
+    req = open_request(adapter, data, edits, method=method, method_config=method_config, solver=solver,
+                       budget=budget, retrain_passes=retrain_passes, prepared=prepared,
+                       zero3=deepspeed_config is not None)
+    influence = req.plan is not None
     bundle = load_model(base, adapter=adapter, options=dataclasses.replace(
-        options, exact_hvp=plan.needs_double_backward))
+        options, exact_hvp=req.plan.needs_double_backward) if influence else options)
     t_load = time.perf_counter() - t0
     model, distributed = bundle.model, {"world_size": world()[1], "zero3": None}
     if deepspeed_config is not None:
-        check_uniform_modality(train, [r.edit for r in requests], data)
+        check_uniform_modality(req.train, req.edits, data)
         zero = zero3_wrap(bundle.model, deepspeed_config)
         model = zero.module
         distributed["zero3"] = {"config": str(deepspeed_config), "zero_optimization": zero.config["zero_optimization"]}
-    cache = bundle.feature_cache() if cache_features and deepspeed_config is None else None
-    engine = InfluenceEngine(model, bundle.loss_fn if cache is None else cache.loss_fn, train,
+    cache = bundle.feature_cache() if influence and cache_features and deepspeed_config is None else None
+    engine = InfluenceEngine(model, bundle.loss_fn if cache is None else cache.loss_fn, req.train,
                              collate_fn=bundle.collate if cache is None else cache.collate)
-    memory = engine_memory_report(engine, plan) if memory_report else {}
-    with PeakMemory(engine.device) as solve_memory:
-        result = engine.solve([r.edit for r in requests], plan,
-                              preconditioner=preparation.preconditioner if preparation else None)
-    memory["solve"] = solve_memory.result
-    engine.apply(result.delta)
-    t_solve = time.perf_counter() - t0 - t_load
-    adapter_sha = sha256_dir(adapter)
-    request = {"edits": _file_info(edits, len(requests)), "ops": dict(Counter(r.record["op"] for r in requests)),
-               "ids": [r.record.get("id", r.record.get("sample", {}).get("id")) for r in requests],
-               "created": _now(), "adapter_sha256": adapter_sha}
-    record = {
-        "command": "unlearn", "created": request["created"], "base": base,
-        "adapter": {"path": str(adapter), "sha256": adapter_sha},
-        "data": _file_info(data, len(train)), "edits": request["edits"], "ops": request["ops"],
-        "solver": plan.config.to_dict(), "plan": plan.describe(), "result": result.summary(),
-        "load": asdict(bundle.options),
-        "damping": {"requested": solver.damping, "used": result.config.get("damping", solver.damping),
-                    "estimate": result.info.get("damping")},
-        "timings": {"load_s": t_load, "solve_s": t_solve},
-        "versions": versions(), "machine": machine(), "distributed": distributed, "memory": memory,
-        "chain": (previous or {}).get("chain", []) + [request],
-        "prepared": None if preparation is None else {
-            "path": str(prepared), "kind": preparation.record.get("kind"), "notes": prep_notes,
-            "made_for_adapter": (preparation.record.get("adapter") or {}).get("sha256")},
-        "feature_cache": None if cache is None else {"level": cache.level, "images": cache.n_images,
-                                                      "hits": cache.hits, "misses": cache.misses},
-    }
+    batch = getattr(req.config, "batch_size", 16)
+    costs = measure_costs(engine, req.plan, batch) if (memory_report or estimate) else None
+    common = dict(retrain_passes=req.retraining["passes"], labels=req.labels, plan=req.plan,
+                  preconditioner=req.preparation.preconditioner if req.preparation else None)
+    if estimate:
+        return UnlearnOutcome(Path(out), None, {}, None, estimate_cost(
+            engine, None, req.edits, req.method, req.config, req.budget, costs=costs, **common))
+    done = unlearn(engine, None, req.edits, req.method, req.config, req.budget, costs=costs, **common)
+    memory = dict((costs or {}).get("memory_report", {}))
+    memory["solve"] = done.accounting.peak_memory
+    record = unlearn_record(req, done, base=base, adapter=adapter, data=data, edits=edits, load=asdict(bundle.options),
+                            distributed=distributed, memory=memory, prepared=prepared,
+                            timings={"load_s": t_load, "solve_s": time.perf_counter() - t0 - t_load})
+    record["feature_cache"] = None if cache is None else {"level": cache.level, "images": cache.n_images,
+                                                          "hits": cache.hits, "misses": cache.misses}
     record["timings"]["total_s"] = time.perf_counter() - t0
     if is_main_process():  # every rank holds the same adapter; one writes it
         with atomic_output_dir(out) as tmp:
@@ -213,7 +268,42 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
             record["timings"]["total_s"] = time.perf_counter() - t0
             write_json(tmp / RECORD_NAME, record)
     barrier()
-    return UnlearnOutcome(Path(out), result, record)
+    return UnlearnOutcome(Path(out), done.solve, record, done)
+
+
+def unlearn_record(req: UnlearnRequest, done: MethodResult, *, base: str, adapter: str | Path, data: str | Path,
+                   edits: str | Path, load: dict[str, Any], distributed: dict[str, Any], memory: dict[str, Any],
+                   prepared: str | Path | None, timings: dict[str, float]) -> dict[str, Any]:
+    """The run record of an unlearning request (the keys every method shares, then influence's own)."""
+    adapter_sha = sha256_dir(adapter)
+    request = {"edits": _file_info(edits, len(req.requests)),
+               "ops": dict(Counter(r.record["op"] for r in req.requests)),
+               "ids": [r.record.get("id", r.record.get("sample", {}).get("id")) for r in req.requests],
+               "created": _now(), "adapter_sha256": adapter_sha, "method": done.method}
+    record: dict[str, Any] = {
+        "command": "unlearn", "created": request["created"], "base": base,
+        "adapter": {"path": str(adapter), "sha256": adapter_sha},
+        "data": _file_info(data, len(req.train)), "edits": request["edits"], "ops": request["ops"],
+        "method": {"name": done.method, "config": asdict(done.config),
+                   "budget": {"requested": done.budget, "sample_passes": done.accounting.budget_passes}},
+        "result": done.solve.summary() if done.solve is not None else done.info,
+        "accounting": done.accounting.to_dict(), "retraining": req.retraining, "load": load,
+        "timings": dict(timings), "versions": versions(), "machine": machine(), "distributed": distributed,
+        "memory": memory, "chain": (req.previous or {}).get("chain", []) + [request],
+    }
+    if done.solve is None:
+        return record
+    result, prep = done.solve, req.preparation
+    record.update({
+        "solver": req.plan.config.to_dict(), "plan": req.plan.describe(),
+        "damping": {"requested": req.config.damping, "used": result.config.get("damping", req.config.damping),
+                    "estimate": result.info.get("damping")},
+        "prepared": None if prep is None else {
+            "path": str(prepared), "kind": prep.record.get("kind"), "notes": req.prep_notes,
+            "made_for_adapter": (prep.record.get("adapter") or {}).get("sha256"),
+            "accounting": prep.record.get("accounting")},  # its cost, paid once by `mmerase prepare`
+    })
+    return record
 
 
 def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Path, *, solver: SolverConfig,
@@ -231,10 +321,12 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
     cache = bundle.feature_cache() if cache_features else None
     engine = InfluenceEngine(bundle.model, bundle.loss_fn if cache is None else cache.loss_fn, train,
                              collate_fn=bundle.collate if cache is None else cache.collate)
-    prep = prepare(engine, plan, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
-                   extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
-                          "data": {"path": str(data)}, "solver": plan.config.to_dict(),
-                          "load": asdict(bundle.options)})
+    with Meter(engine) as meter:
+        prep = prepare(engine, plan, config, adapter_sha256=sha256_dir(adapter), data_sha256=sha256_file(data),
+                       extra={"command": "prepare", "base": base, "adapter": {"path": str(adapter)},
+                              "data": {"path": str(data)}, "solver": plan.config.to_dict(),
+                              "load": asdict(bundle.options)})
+    prep.record["accounting"] = meter.accounting(retrain_passes=retraining_passes(read_record(adapter))).to_dict()
     prep.record["timings"] = {"load_s": t_load, "prepare_s": time.perf_counter() - t0 - t_load}
     save_preparation(prep, out)
     return prep

@@ -17,7 +17,8 @@ from lora_points import perturb_lora_b  # tests/ is on sys.path: the script's fo
 torch.set_num_threads(1)
 
 SOLVE_CASES = ("hessian", "fd-hessian", "ggn", "ggn-stochastic")
-ZERO3_CASES = ("zero3/fd-hessian", "zero3/ggn", "zero3/fisher", "zero3/ggn-solve")
+ZERO3_CASES = ("zero3/fd-hessian", "zero3/ggn", "zero3/fisher", "zero3/ggn-solve", "zero3/method-kl")
+METHOD_CASES = ("method-finetune", "method-ga", "method-npo", "method-kl")
 
 
 def _bundle(model_dir: str):
@@ -53,6 +54,17 @@ def _vec(params, seed: int = 1):
     return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
 
 
+def _method(name: str, model, bundle, samples) -> list:
+    """δ of a few steps of an unlearning method (batches of 3: uneven shards, padding passes on the short rank)."""
+    from mmerase.influence import InfluenceEngine
+    from mmerase.methods import CONFIGS, unlearn
+
+    engine = InfluenceEngine(model, bundle.loss_fn, samples, collate_fn=bundle.collate)
+    extra = {"npo_retain": True} if name == "npo" else {}
+    res = unlearn(engine, None, _edits(samples), name, CONFIGS[name](lr=1e-2, batch_size=3, **extra), budget=20)
+    return [res.delta[n] for n in engine.names]
+
+
 def run_cases(model_dir: str, zero3: bool) -> dict:
     """All data-parallel solve cases, then (when ``zero3``) the ZeRO-3 cases; name → tensors or error text."""
     from mmerase.influence import InfluenceEngine, SolverConfig, make_curvature
@@ -69,6 +81,9 @@ def run_cases(model_dir: str, zero3: bool) -> dict:
         out[case] = [res.delta[n] for n in engine.names]
     fisher = make_curvature("fisher")
     out["fisher-product"] = engine.product(_vec(engine.params), fisher, batch_size=3)
+    for case in METHOD_CASES:
+        b = _bundle(model_dir)
+        out[case] = _method(case.partition("-")[2], b.model, b, samples)
     if not zero3:
         return out
 
@@ -88,6 +103,7 @@ def run_cases(model_dir: str, zero3: bool) -> dict:
     res = engine.solve(_edits(samples), SolverConfig(method="cg", curvature="ggn", ggn_jvp="fd", damping=10.0,
                                                      tol=1e-12, max_steps=4, batch_size=3, progress=False))
     out["zero3/ggn-solve"] = [res.delta[n] for n in engine.names]
+    out["zero3/method-kl"] = _method("kl", model, b, samples)
     try:
         engine.product(v, "hessian", batch_size=3)
         out["zero3/hessian-error"] = None

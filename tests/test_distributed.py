@@ -104,6 +104,18 @@ def test_two_process_solve_equals_one_process(two_process_runs, case):
     assert sum(float(t.norm()) for t in got) > 0
 
 
+@pytest.mark.parametrize("case", dist_worker.METHOD_CASES)
+def test_two_process_unlearning_methods_equal_one_process(two_process_runs, case):
+    """The gradient methods through the one training loop: each rank takes its share of every batch (images and
+    text mixed, uneven shards, zero-weight padding on the short rank) and the gradients are all-reduced, so a few
+    AdamW steps on 2 ranks give the 1-process δ to float64 rounding, identical on both ranks."""
+    ranks, reference = two_process_runs
+    got, other = ranks[0]["results"][case], ranks[1]["results"][case]
+    assert _rel(got, reference[case]) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(got, other))
+    assert sum(float(t.norm()) for t in got) > 0
+
+
 @pytest.mark.parametrize("case", dist_worker.ZERO3_CASES)
 def test_zero3_first_order_products_equal_one_process(two_process_runs, case):
     """ZeRO-3 partitions the frozen base over 2 ranks; FD-Hessian, GGN (fd J·v) and Fisher products and a GGN solve

@@ -47,5 +47,16 @@ class Task:
         """
         return 1
 
+    def sequence_log_probs(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """log π(y|x) of each sample's target given its input (a sum over its tokens), shape ``[batch]``. Only the
+        NPO unlearning method needs this."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement sequence_log_probs(); method 'npo' needs it")
+
+    def per_sample_kl(self, reference: torch.Tensor, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Each sample's KL(reference ‖ outputs) of the predictive distributions over its targets, shape ``[batch]``.
+        Only the KL unlearning method needs this."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement per_sample_kl(); method 'kl' needs it")
+
     def __call__(self, model: nn.Module, batch: Any) -> torch.Tensor:
         return self.loss_from_outputs(self.outputs(model, batch), batch)

@@ -127,22 +127,50 @@ class LoadOptions:
         return torch.device("cpu")
 
 
-def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each sample's L(z): the mean cross-entropy over its response tokens (labels != -100), shape ``[batch]``.
-
-    Logits at position t predict the label at t+1. Half-precision logits are upcast to float32 for the loss.
-    """
+def _response_targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits predicting each next token, upcast from half precision; the next tokens; where they are response
+    tokens). Refuses a sample without response tokens."""
     logits = logits[:, :-1]
     target = labels[:, 1:].to(logits.device)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     mask = target != IGNORE_INDEX
-    counts = mask.sum(dim=1)
-    if bool((counts == 0).any()):
+    if bool((mask.sum(dim=1) == 0).any()):
         raise ValueError("a sample in the batch has no response tokens to score (all labels are -100)")
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
-                          reduction="none").view(target.shape)
-    return nll.sum(dim=1) / counts.to(nll.dtype)
+    return logits, target, mask
+
+
+def _token_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="none").view(target.shape)
+
+
+def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's L(z): the mean cross-entropy over its response tokens (labels != -100), shape ``[batch]``.
+
+    Logits at position t predict the label at t+1. Half-precision logits are upcast to float32 for the loss.
+    """
+    logits, target, mask = _response_targets(logits, labels)
+    nll = _token_nll(logits, target)
+    return nll.sum(dim=1) / mask.sum(dim=1).to(nll.dtype)
+
+
+def sequence_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's log π(y|x): the sum of its response tokens' log-probabilities, shape ``[batch]``."""
+    logits, target, _ = _response_targets(logits, labels)
+    return -_token_nll(logits, target).sum(dim=1)
+
+
+def per_sample_kl(reference: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's mean over its response positions of KL(softmax(reference) ‖ softmax(logits)), shape
+    ``[batch]``: how far the next-token distributions moved from the reference's where the answer is predicted."""
+    logits, _, mask = _response_targets(logits, labels)
+    ref = reference[:, :-1].to(logits.dtype)
+    log_q = torch.log_softmax(logits, dim=-1)
+    log_p = torch.log_softmax(ref, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum(dim=1) / m.sum(dim=1)
 
 
 class CausalLMTask(Task):
@@ -173,6 +201,15 @@ class CausalLMTask(Task):
     def per_sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """L(z) for each sample of ``batch``, shape ``[batch]``."""
         return per_sample_losses(self.outputs(model, batch), batch["labels"])
+
+    def sequence_log_probs(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log π(y|x) of each sample's response (sum over its tokens), shape ``[batch]``."""
+        return sequence_log_probs(outputs, batch["labels"])
+
+    def per_sample_kl(self, reference: torch.Tensor, outputs: torch.Tensor, batch: dict[str, torch.Tensor]
+                      ) -> torch.Tensor:
+        """Each sample's mean response-position KL(reference ‖ outputs) of the next-token distributions."""
+        return per_sample_kl(reference, outputs, batch["labels"])
 
     def label_count(self, batch: dict[str, torch.Tensor]) -> int:
         """The response tokens of a one-sample batch: the independent targets its mean loss averages (see
@@ -635,5 +672,6 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 
 __all__ = [
     "AdapterMismatchError", "CausalLMTask", "Encoded", "IGNORE_INDEX", "LoadOptions", "LoraSettings", "ModelBundle",
-    "ModelLoadError", "TemplateError", "load_adapter", "per_sample_losses", "read_adapter_config",
+    "ModelLoadError", "TemplateError", "load_adapter", "per_sample_kl", "per_sample_losses", "read_adapter_config",
+    "sequence_log_probs",
 ]
