@@ -322,8 +322,8 @@ class SpellConfig(ScenarioConfig):
     tasks: tuple[str, ...] = ("rc", "ir")
     n_pretrain: int = 200
     n_train: int = 250
-    n_test: int = 125
-    n_validation: int = 125
+    n_test: int = 250
+    n_validation: int = 250
     pretrain_epochs: int = 6
     pretrain_lr: float = 3e-3
 

@@ -1,0 +1,62 @@
+"""benchmarks/frontier.py in its smoke size: every method runs on both kinds of scenario, every chosen point keeps
+to its budget and is the validation-best within it, and recoveries follow from the rows (results only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def frontier(tmp_path_factory):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
+    spec = importlib.util.spec_from_file_location("bench_frontier", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path_factory.mktemp("frontier")
+    assert mod.main(["--smoke", "--out", str(out)]) == 0
+    return mod, json.loads((out / "frontier.json").read_text()), out
+
+
+def test_every_method_runs_and_every_budget_is_respected(frontier):
+    mod, rep, out = frontier
+    assert set(rep["scenarios"]) == {"digits-rc", "spell-rc"}
+    for name, sc in rep["scenarios"].items():
+        assert {t["method"] for t in sc["trials"]} == set(mod.METHODS), name
+        assert all(t["error"] is None and t["points"] for t in sc["trials"]), name
+        for t in sc["trials"]:
+            fractions = [p["fraction"] for p in t["points"]]
+            assert fractions == sorted(fractions) and all(math.isfinite(p["row"]["test_acc"]) for p in t["points"])
+            if t["method"] != "influence":  # a gradient method never spends more than its largest budget
+                assert fractions[-1] <= max(mod.BUDGETS) + 1e-9
+        for method, per in sc["chosen"].items():
+            for budget, p in per.items():
+                assert p["fraction"] <= float(budget) + 1e-9, (name, method, budget)
+                assert math.isfinite(p["recovery_test_acc"]) and p["cpu_fraction"] > 0
+        # gradient methods have points from 10% up on the quick scenarios
+        assert all(str(b) in sc["chosen"][m] for m in mod.METHODS[1:] for b in (0.3, 1.0)), name
+
+
+def test_choices_are_the_validation_best_and_recoveries_follow_from_rows(frontier):
+    mod, rep, _ = frontier
+    for name, sc in rep["scenarios"].items():
+        c, r = sc["rows"]["corrupted"], sc["rows"]["retrained"]
+        for method, per in sc["chosen"].items():
+            for budget, p in per.items():
+                within = [t["points"] for t in sc["trials"] if t["method"] == method]
+                last = [[q for q in pts if q["fraction"] <= float(budget) + 1e-9][-1] for pts in within
+                        if any(q["fraction"] <= float(budget) + 1e-9 for q in pts)]
+                assert p["recovery_validation_acc"] == max(q["recovery_validation_acc"] for q in last)
+                want = (p["row"]["test_acc"] - c["test_acc"]) / (r["test_acc"] - c["test_acc"])
+                assert p["recovery_test_acc"] == pytest.approx(want, rel=1e-12)
+
+
+def test_report_and_plot(frontier):
+    mod, rep, out = frontier
+    md = (out / "frontier.md").read_text()
+    assert "## digits-rc" in md and "## spell-rc" in md and "| influence |" in md
+    assert (out / "frontier.png").stat().st_size > 10_000 and not (out / "frontier.partial.json").exists()
