@@ -29,6 +29,7 @@ import torch
 from .data import DIGIT_WORDS, Sample, digit_images, digit_samples, load_dataset, modify_sample, save_dataset
 from .influence import SolverConfig
 from .models import LoadOptions, LoraSettings, load_model
+from .metrics import recovery_ratio
 from .models.presets import build_preset
 from .options import option
 from .record import atomic_output_dir, machine, versions, write_json
@@ -154,12 +155,6 @@ def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int]]]
         out[f"{name}_acc"] = sum(a == DIGIT_WORDS[y] for a, y in zip(answers, labels)) / len(labels)
         out[f"{name}_loss"] = float(bundle.per_sample_losses(samples, batch_size=64).mean())
     return out
-
-
-def recovery_ratio(unlearned: float, corrupted: float, retrained: float) -> float | None:
-    """(unlearned − corrupted) / (retrained − corrupted); None when there is no gap."""
-    gap = retrained - corrupted
-    return None if abs(gap) < 1e-12 else (unlearned - corrupted) / gap
 
 
 def _write_edits(path: Path, lines: list[dict[str, Any]]) -> None:
