@@ -62,7 +62,7 @@ def rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
