@@ -119,7 +119,7 @@ def test_official_retry_temperature_schedule():
 
 
 class ScriptedJudge:
-    """Stands in for eval.judge.Judge: replies from a list, records what was asked."""
+    """Stands in for mmerase.eval.judge.Judge: replies from a list, records what was asked."""
 
     def __init__(self, replies):
         self.replies = list(replies)
