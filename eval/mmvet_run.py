@@ -209,7 +209,6 @@ def run_mmvet(cfg: MMVetRun) -> dict[str, Any]:
     return summary
 
 
-
 def check_options(cfg: MMVetRun) -> None:
     """Refuse option values no run can use, before anything is read or asked."""
     if cfg.runs < 1:
