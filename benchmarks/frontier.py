@@ -40,10 +40,11 @@ from mmerase.data import load_dataset  # noqa: E402
 from mmerase.editfile import parse_edits  # noqa: E402
 from mmerase.influence import InfluenceEngine, SolverConfig  # noqa: E402
 from mmerase.methods import CONFIGS, Checkpoints, unlearn  # noqa: E402
+from mmerase.metrics import recovery_ratio  # noqa: E402
 from mmerase.models import LoadOptions, load_model  # noqa: E402
 from mmerase.record import machine, versions, write_json  # noqa: E402
 from mmerase.scenarios import (ScenarioConfig, SpellConfig, build_scenarios, build_spell_scenarios,  # noqa: E402
-                               evaluate_bundle, recovery_ratio, stage)
+                               evaluate_bundle, stage)
 
 BUDGETS = (0.03, 0.1, 0.3, 1.0)
 #: influence trials are stopped once they cost this many retrainings (their later Newton steps are off the plot)

@@ -31,9 +31,10 @@ import torch
 
 from mmerase import Edit, InfluenceEngine, SolverConfig
 from mmerase.data import DIGIT_WORDS, digit_images, digit_samples, modify_sample
-from mmerase.scenarios import ScenarioConfig, digit_split, pretrain_base, recovery_ratio, train_scenario_adapter
+from mmerase.scenarios import ScenarioConfig, digit_split, pretrain_base, train_scenario_adapter
 from mmerase.influence import vectors as V
 from mmerase.influence.precondition import PreconditionerConfig, build_preconditioner
+from mmerase.metrics import recovery_ratio
 from mmerase.models import LoadOptions, load_model
 from mmerase.record import machine, versions
 

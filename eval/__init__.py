@@ -1,22 +1,23 @@
 """Evaluation harness for mmerase: MM-Vet-style GPT judging, R-Bench/POPE yes-no metrics and unlearning metrics.
 
-The submodules are small and import their heavy dependencies lazily, so ``python -m eval rbench`` does not pay for
-``openai`` and ``python -m eval mmvet`` does not pay for scikit-learn.
+Installed as ``mmerase.eval`` (the repository keeps it in the folder eval/); run it as ``mmerase eval <command>`` or
+``python -m mmerase.eval <command>``. The submodules are small and import their heavy dependencies lazily, so
+``mmerase eval rbench`` does not pay for ``openai``, ``mmerase eval mmvet`` not for scikit-learn, and the judge path
+(:mod:`~mmerase.eval.judge`, :mod:`~mmerase.eval.mmvet`, :mod:`~mmerase.eval.mmvet_run`) runs without torch.
 
-- :mod:`eval.judge`      OpenAI-compatible judge client: append-only cache, backoff; :mod:`eval.pricing` cost cap.
-- :mod:`eval.mmvet`      MM-Vet (v1/v2) grading prompt, score parsing, official aggregation;
-                         :mod:`eval.mmvet_run` runs it end to end (outputs, manifest); :mod:`eval.mmvet_official`
-                         reads the prompt from the user's copy of the official evaluator script.
-- :mod:`eval.rbench`     R-Bench / POPE yes-no parsing and metrics (id subsets, web-image types);
-                         :mod:`eval.rbench_box` its box mode; :mod:`eval.rbench_draw` draws instance prompts.
-- :mod:`eval.unlearning` per-split loss/accuracy/ROUGE-L, recovery ratio, membership-inference AUCs, KL to the
-                         retrained adapter and forget quality; :mod:`eval.mia` defines the membership scores;
-                         :mod:`eval.unlearning_report` writes the table and figure; :mod:`eval.model_scores`
-                         computes the per-sample records from models (torch, mmerase).
-- :mod:`eval.cli`        ``python -m eval {mmvet,rbench,rbench-draw,unlearning}`` (:mod:`eval.commands` runs the
-                         non-judged ones; :mod:`eval.cli_config` reads ``--config``).
+- ``judge``        OpenAI-compatible judge client: append-only cache, backoff; ``pricing``: the cost cap.
+- ``mmvet``        MM-Vet (v1/v2) grading prompt, score parsing, official aggregation; ``mmvet_run`` runs it end to
+                   end (outputs, manifest); ``mmvet_official`` reads the prompt from the user's copy of the official
+                   evaluator script.
+- ``rbench``       R-Bench / POPE yes-no parsing and metrics (id subsets, web-image types); ``rbench_box`` its box
+                   mode; ``rbench_draw`` draws instance prompts.
+- ``unlearning``   per-split loss/accuracy/ROUGE-L, recovery ratio, membership-inference AUCs, KL to the retrained
+                   adapter and forget quality; ``mia`` defines the membership scores; ``unlearning_report`` writes the
+                   table and figure; ``model_scores`` computes the per-sample records from models (torch, mmerase).
+- ``cli``          the command line (``commands`` runs the non-judged commands; ``cli_config`` reads ``--config``
+                   through :mod:`mmerase.options`); ``io``: JSON files and output folders (:mod:`mmerase.fileio`).
 """
 
-from eval.errors import EvalError, RunStopped, UserError
+from .errors import EvalError, RunStopped, UserError
 
 __all__ = ["EvalError", "RunStopped", "UserError"]

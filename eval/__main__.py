@@ -1,7 +1,7 @@
-"""``python -m eval ...``: the evaluation command line (same as ``mmerase eval ...``)."""
+"""``python -m mmerase.eval ...``: the evaluation command line (the same as ``mmerase eval ...``)."""
 
 import sys
 
-from eval.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command line of the evaluation harness: ``python -m eval <command>`` (``mmerase eval <command>`` dispatches here).
+"""Command line of the evaluation harness: ``mmerase eval <command>`` (also ``python -m mmerase.eval <command>``).
 
 Exit codes: 0 done; 1 a judged run stopped or ended with failed judgements (everything answered is cached: rerun the
 same command to resume); 2 a user error (missing/malformed input, bad option, unusable output folder); 3 stopped by
@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from eval.errors import EvalError, UserError
-from eval.judge import Redactor
+from .errors import EvalError, UserError
+from .judge import Redactor
 
-PROG = "python -m eval"
+PROG = "mmerase eval"
 
 EPILOG = textwrap.fill(
     "Every option can also come from --config FILE (YAML: option names as keys, with - or _); flags given on the "
@@ -256,7 +256,7 @@ _REQUIRED = {
 
 def parse_args(argv: Sequence[str], prog: str = PROG) -> argparse.Namespace:
     """Parse flags over config-file values; required options are checked after the merge."""
-    from eval.cli_config import config_defaults
+    from .cli_config import config_defaults
 
     parser, subs = build_parser(prog)
     args = parser.parse_args(argv)
@@ -280,7 +280,8 @@ def key_env(args: argparse.Namespace) -> str:
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.command == "mmvet":
-        from eval.mmvet import GradeOptions, MMVetRun, run_mmvet
+        from .mmvet import GradeOptions
+        from .mmvet_run import MMVetRun, run_mmvet
 
         progress = {"on": True, "off": False}.get(args.progress, sys.stderr.isatty())
         cfg = MMVetRun(
@@ -304,21 +305,21 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
               f"results in {args.out}")
         return 0
     if args.command == "rbench":
-        from eval.commands import run_rbench
+        from .commands import run_rbench
 
         res = run_rbench(args.questions, args.predictions, args.out, args.subset_ids, args.mode, args.label_field,
                          args.decimal_places, argv=list(argv), eval_kind=args.eval)
         print(rbench_line(res, args))
         return 0
     if args.command == "rbench-draw":
-        from eval.commands import run_rbench_draw
+        from .commands import run_rbench_draw
 
         n = run_rbench_draw(args.questions, args.image_dir, args.out, args.kind, args.mask_dir, args.sub_color,
                             args.obj_color, argv=list(argv))
         print(f"rbench-draw: {n} question(s) written to {args.out}")
         return 0
     if args.command == "unlearning":
-        from eval.commands import compute_unlearning_records, model_inputs, run_unlearning
+        from .commands import compute_unlearning_records, model_inputs, run_unlearning
 
         computed, computed_from = None, None
         if args.base or args.adapters or args.splits:

@@ -1,6 +1,6 @@
 """File-level runners of the non-judged subcommands: read inputs, compute, write JSONL + JSON + Markdown + manifest.
 
-(The judged MM-Vet run lives in :mod:`eval.mmvet_run`.)
+(The judged MM-Vet run lives in :mod:`mmerase.eval.mmvet_run`.)
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.errors import UserError
-from eval.io import (
+from .errors import UserError
+from .io import (
     OutDirLock,
     atomic_write_text,
     check_out_dir,
@@ -23,7 +23,7 @@ from eval.io import (
     write_json,
     write_jsonl,
 )
-from eval.report import manifest, markdown_table
+from .report import manifest, markdown_table
 
 
 # ----------------------------------------------------------------------------------------------------------- R-Bench
@@ -59,9 +59,9 @@ def run_rbench(
 
     ``eval_kind``: ``subsets`` = yes/no metrics per id subset and on average (R-Bench's image- and instance-level
     evaluation); ``web`` = yes/no metrics per question ``type`` and in total (its web-image mode); ``box`` = the
-    boxed object's name in the answer (its box mode, :mod:`eval.rbench_box`).
+    boxed object's name in the answer (its box mode, :mod:`mmerase.eval.rbench_box`).
     """
-    from eval import rbench
+    from . import rbench
 
     started = time.time()
     if mode not in rbench.MODES:
@@ -108,7 +108,7 @@ _CONVERTED = ("{n} answer id(s) matched a question id only after conversion betw
 
 
 def _id_subsets(paths: Sequence[Path]) -> dict[str, list[str]]:
-    from eval.rbench import load_subset_ids
+    from .rbench import load_subset_ids
 
     subsets: dict[str, list[str]] = {}
     for p in paths:
@@ -132,7 +132,7 @@ def _warn_rbench(result: dict[str, Any], predictions: Path, converted: Sequence[
 
 def _run_rbench_box(questions: Path, predictions: Path, out: Path, places: int, argv: Sequence[str] | None,
                     started: float) -> dict[str, Any]:
-    from eval.rbench_box import evaluate_box, load_box_answers, load_box_questions
+    from .rbench_box import evaluate_box, load_box_answers, load_box_questions
 
     result = evaluate_box(load_box_questions(questions), load_box_answers(predictions), predictions)
     rows = result.pop("rows")
@@ -167,7 +167,7 @@ def render_rbench_box(result: dict[str, Any], places: int = 2) -> str:
 
 
 def render_rbench(result: dict[str, Any], places: int = 2) -> str:
-    from eval.rbench import METRICS
+    from .rbench import METRICS
 
     rows = []
     for name, r in result["subsets"].items():
@@ -203,7 +203,7 @@ def run_rbench_draw(
 ) -> int:
     """Write ``images/<question_id>.png`` with the drawn instances and ``questions_<kind>.jsonl`` with the rewritten
     question and image path, ready for a model's answer generation. Returns the number of questions."""
-    from eval.rbench_draw import prepare_instance
+    from .rbench_draw import prepare_instance
 
     started = time.time()
     check_out_dir(out)
@@ -263,11 +263,11 @@ def run_unlearning(
     computed_from: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Read per-adapter JSONL of per-sample results (or take ``computed`` records), compute
-    :func:`eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md,png}`` (every metric in one
+    :func:`mmerase.eval.unlearning.evaluate_unlearning`, write ``unlearning_summary.{json,md,png}`` (every metric in one
     table and one figure), ``unlearning_samples.jsonl`` and a manifest (``computed_from``: the files the computed
     records came from, for their sha256)."""
-    from eval.unlearning import evaluate_unlearning, sample_scores
-    from eval.unlearning_report import plot_summary, render_summary
+    from .unlearning import evaluate_unlearning, sample_scores
+    from .unlearning_report import plot_summary, render_summary
 
     started = time.time()
     if computed is not None:
@@ -304,7 +304,7 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
                                progress: bool | None = None, corrupted: str | None = None,
                                min_k: float = 0.2) -> dict[str, list[dict[str, Any]]]:
     """Load ``base`` with each adapter and score every split's samples (loss, greedy answer, reference, answer-token
-    statistics and, with ``retrained``, the KL to it) through mmerase's model adapters (:mod:`eval.model_scores`);
+    statistics and, with ``retrained``, the KL to it) through mmerase's model adapters (:mod:`mmerase.eval.model_scores`);
     the records are the same ones ``--records`` files hold. ``corrupted`` and ``min_k`` are only checked here, before
     the models run."""
     if not base or not adapters or not splits:
@@ -325,7 +325,7 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
     check_out_dir(out)
     from mmerase.models import LoadOptions
 
-    from eval.model_scores import score_models
+    from .model_scores import score_models
 
     return score_models(base, named_adapters, named_splits, options=LoadOptions(device=device, exact_hvp=False),
                         retrained=retrained, max_new_tokens=max_new_tokens, progress=progress)

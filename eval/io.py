@@ -1,149 +1,56 @@
-"""File helpers shared by the evaluators: strict JSON/JSONL reading with line numbers, atomic writes, output folders.
-
-Everything here raises :class:`~eval.errors.UserError` with a message naming the file (and line) so the CLI can print
-one clear line instead of a traceback.
+"""The evaluators' files: :mod:`mmerase.fileio`'s strict JSON / JSON Lines reading and atomic writing, with its
+errors raised as :class:`~mmerase.eval.errors.UserError` (a message naming the file and line, which the CLI prints as
+one line), and the output folder of a run: checked before any work, and locked while a run uses it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
+import contextlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from eval.errors import UserError
+from mmerase import fileio
+from mmerase.fileio import (
+    atomic_write_bytes,
+    atomic_write_text,
+    dumps,
+    jsonl_lines,
+    sha256_file,
+    write_json,
+    write_jsonl,
+)
+
+from .errors import UserError
 
 
-def _open_text(path: str | os.PathLike[str]) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: file not found")
-    if p.is_dir():
-        raise UserError(f"{p}: is a folder, expected a file")
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Raise a file's :class:`~mmerase.fileio.FileFormatError` as a :class:`UserError` with the same message."""
     try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"{p}: cannot read ({e.strerror})") from None
+        yield
+    except fileio.FileFormatError as e:
+        raise UserError(str(e)) from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Load one JSON document; a syntax error is reported with its line and column."""
-    text = _open_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-
-
-def jsonl_lines(text: str) -> list[str]:
-    r"""The lines of a JSON Lines text: split on ``"\n"`` only (a ``"\r\n"`` ending is fine too).
-
-    ``str.splitlines`` would also split on U+2028, U+2029, U+0085 and other separators that JSON allows raw inside
-    strings (files written with ``ensure_ascii=False`` contain them), cutting a valid record in two.
-    """
-    return text.split("\n")
+    """One JSON document (:func:`mmerase.fileio.read_json`)."""
+    with user_errors():
+        return fileio.read_json(path)
 
 
 def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    r"""Yield ``(line_number, object)`` for each non-blank line of a JSONL file; a broken line is an error that
-    names it (line numbers count ``"\n"`` only, as editors and ``wc -l`` do)."""
-    text = _open_text(path)
-    for lineno, line in enumerate(jsonl_lines(text), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    """``(line_number, object)`` per non-blank line of a JSON Lines file (:func:`mmerase.fileio.iter_jsonl`)."""
+    with user_errors():
+        yield from fileio.iter_jsonl(path)
 
 
 def read_json_or_jsonl(path: str | os.PathLike[str]) -> tuple[Any, str]:
-    """Load a file that may be one JSON document or JSON Lines; returns ``(data, "json"|"jsonl")``.
-
-    A ``.jsonl`` name is always read as JSON Lines. Otherwise the whole text is tried as one document first (benchmark
-    tools often write JSON Lines into ``.json`` files, so that is tried next when the first line parses on its own).
-    A JSONL result is a list of the line objects.
-    """
-    if str(path).endswith(".jsonl"):
-        return [obj for _, obj in iter_jsonl(path)], "jsonl"
-    text = _open_text(path)
-    try:
-        return json.loads(text), "json"
-    except json.JSONDecodeError as whole:
-        lines = [ln for ln in jsonl_lines(text) if ln.strip()]
-        first_ok = False
-        if len(lines) > 1:
-            try:
-                json.loads(lines[0])
-                first_ok = True
-            except json.JSONDecodeError:
-                pass
-        if not first_ok:
-            raise UserError(f"{path}:{whole.lineno}: invalid JSON ({whole.msg} at column {whole.colno})") from None
-    return [obj for _, obj in iter_jsonl(path)], "jsonl"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (for run manifests)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    """Replace non-finite floats by None so output files stay strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def dumps(obj: Any, indent: int | None = None) -> str:
-    """Strict JSON text (no NaN/Infinity), UTF-8 kept readable."""
-    return json.dumps(_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write a file through a temporary sibling and ``os.replace``: a kill mid-write never leaves half a file."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """:func:`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Any]) -> None:
-    atomic_write_text(path, "".join(dumps(r) + "\n" for r in rows))
+    """``(data, "json"|"jsonl")`` from one JSON document or JSON Lines (:func:`mmerase.fileio.read_json_or_jsonl`)."""
+    with user_errors():
+        return fileio.read_json_or_jsonl(path)
 
 
 def check_out_dir(path: str | os.PathLike[str]) -> None:
@@ -207,3 +114,8 @@ class OutDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+__all__ = ["OutDirLock", "atomic_write_bytes", "atomic_write_text", "check_out_dir", "dumps", "ensure_out_dir",
+           "iter_jsonl", "jsonl_lines", "read_json", "read_json_or_jsonl", "sha256_file", "user_errors", "write_json",
+           "write_jsonl"]

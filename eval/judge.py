@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from eval.errors import EvalError, UserError
-from eval.io import dumps
-from eval.pricing import CostCapReached, CostMeter
+from .errors import EvalError, UserError
+from .io import dumps
+from .pricing import CostCapReached, CostMeter
 
 CACHE_FORMAT = "mmerase-judge-cache/1"
 

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eval.errors import UserError
+from .errors import UserError
 
 SCORES = ("loss", "min_k", "min_k_pp", "zlib")
 

@@ -7,7 +7,7 @@ Procedure (official ``mm-vet_evaluator.py`` / ``mm-vet-v2_evaluator.py``; deviat
   in the ground truth get spaces around them. v2 replaces ``<IMG>file.jpg`` segments of the question by ``<image>``,
   newlines by ``<br>`` and uses outer table pipes. The instruction and examples here are our own text; pass
   ``prompt_preamble`` (``--prompt-file``) to use another preamble verbatim, or ``--official-evaluator`` to take the
-  prompt and retry wording from your copy of the official script (:mod:`eval.mmvet_official`).
+  prompt and retry wording from your copy of the official script (:mod:`mmerase.eval.mmvet_official`).
 - One user message, temperature 0, ``max_tokens`` 3. The score is the reply's first space-separated token as a float
   in [0, 1]. On a parse failure the prompt gets a short "answer with the number" suffix and is asked again, the k-th
   retry at temperature ``T0 + 0.5 (k-1)`` (the official schedule: 0.0, 0.0, 0.5, 1.0, 1.5). The official script then
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.errors import UserError
-from eval.io import read_json_or_jsonl
+from .errors import UserError
+from .io import read_json_or_jsonl
 
 PREAMBLE_V1 = """\
 You are grading the answers of an AI assistant. Compare the prediction with the ground truth and give a \
@@ -332,7 +332,7 @@ class Judgement:
 
 def grade(judge: Any, sample: MMVetSample, prediction: str, run: int, opts: GradeOptions) -> Judgement:
     """Grade one sample once (official retry schedule). API errors propagate; see :func:`judge_all`."""
-    from eval.judge import JudgeAPIError, JudgeStopped
+    from .judge import JudgeAPIError, JudgeStopped
 
     j = Judgement(sample.id, run)
     base = build_prompt(sample, prediction, opts.version, opts.preamble)
@@ -453,52 +453,3 @@ def scores_from_judgements(
                 return None, dict(counts)
         out[sid] = row
     return out, dict(counts)
-
-
-# ------------------------------------------------------------------------------------------------------------- run
-@dataclass
-class MMVetRun:
-    """Everything a judged MM-Vet run needs (the CLI fills this from flags/config)."""
-
-    metadata: Path
-    predictions: Path
-    out: Path
-    judge_model: str
-    base_url: str | None = None
-    runs: int = 1
-    version: str = "auto"
-    grade: GradeOptions = field(default_factory=GradeOptions)
-    unparseable: str = "zero"
-    rejected: str = "failure"
-    concurrency: int = 4
-    max_failures: int = 10
-    max_cost: float | None = None
-    timeout: float = 60.0
-    max_retries: int = 6
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    api_key_env: str = "OPENAI_API_KEY"
-    azure: bool = False
-    api_version: str | None = None
-    price_table: Path | None = None
-    price_in: float | None = None
-    price_out: float | None = None
-    cache: Path | None = None
-    subset: Path | None = None
-    prompt_file: Path | None = None
-    official_evaluator: Path | None = None
-    model_name: str | None = None
-    decimal_places: int = 1
-    progress: bool = False
-    argv: Sequence[str] | None = None
-
-
-def run_mmvet(cfg: MMVetRun) -> dict[str, Any]:
-    """Judge, aggregate and write ``mmvet_judgements.jsonl``, ``mmvet_summary.{json,md}``, ``mmvet_manifest.json``.
-
-    Returns the summary. Raises :class:`RunStopped` (after writing everything) when the run did not finish with a
-    score for every judgement, :class:`UserError` for bad inputs.
-    """
-    from eval.mmvet_run import execute
-
-    return execute(cfg)

@@ -14,7 +14,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.errors import UserError
+from .errors import UserError
 
 _SHAPE = ("a module-level prompt = \"\"\"...\"\"\" string with the example table, as in MM-Vet's mm-vet_evaluator.py "
           "or mm-vet-v2_evaluator.py")

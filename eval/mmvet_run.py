@@ -1,6 +1,7 @@
 """Running a judged MM-Vet evaluation end to end: inputs, judge set-up, progress, outputs, manifest.
 
-Kept apart from :mod:`eval.mmvet` (the benchmark's procedure and arithmetic) so the latter stays pure and small.
+Kept apart from :mod:`mmerase.eval.mmvet` (the benchmark's procedure and arithmetic), which it uses, so that module
+stays pure and small.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eval.errors import RunStopped, UserError
-from eval.io import OutDirLock, atomic_write_text, check_out_dir, ensure_out_dir, read_json, write_json, write_jsonl
-from eval.mmvet import (
+from .errors import RunStopped, UserError
+from .io import OutDirLock, atomic_write_text, check_out_dir, ensure_out_dir, read_json, write_json, write_jsonl
+from .mmvet import (
     GradeOptions,
     Judgement,
-    MMVetRun,
+    MMVetSample,
     aggregate,
     build_prompt,
     detect_version,
@@ -28,9 +31,69 @@ from eval.mmvet import (
     load_predictions,
     scores_from_judgements,
 )
-from eval.report import fmt, manifest, markdown_table
+from .report import fmt, manifest, markdown_table
 
 MAX_LISTED_FAILURES = 100
+
+
+@dataclass
+class MMVetRun:
+    """Everything a judged MM-Vet run needs (the CLI fills this from flags/config)."""
+
+    metadata: Path
+    predictions: Path
+    out: Path
+    judge_model: str
+    base_url: str | None = None
+    runs: int = 1
+    version: str = "auto"
+    grade: GradeOptions = field(default_factory=GradeOptions)
+    unparseable: str = "zero"
+    rejected: str = "failure"
+    concurrency: int = 4
+    max_failures: int = 10
+    max_cost: float | None = None
+    timeout: float = 60.0
+    max_retries: int = 6
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    api_key_env: str = "OPENAI_API_KEY"
+    azure: bool = False
+    api_version: str | None = None
+    price_table: Path | None = None
+    price_in: float | None = None
+    price_out: float | None = None
+    cache: Path | None = None
+    subset: Path | None = None
+    prompt_file: Path | None = None
+    official_evaluator: Path | None = None
+    model_name: str | None = None
+    decimal_places: int = 1
+    progress: bool = False
+    argv: Sequence[str] | None = None
+
+
+@dataclass
+class Inputs:
+    """The samples to judge (after ``--subset``), their predictions, and how they are graded."""
+
+    samples: dict[str, MMVetSample]
+    predictions: dict[str, str]
+    ignored_predictions: int
+    version: str
+    grade: GradeOptions
+    prompt_label: str
+
+
+@dataclass
+class Judged:
+    """What judging produced: the judgements and the judge, cache, cost meter and price behind them."""
+
+    judgements: dict[tuple[str, int], Judgement]
+    judge: Any
+    cache: Any
+    meter: Any
+    price: Any
 
 
 def _load_subset(path: Path, samples: dict[str, Any]) -> list[str]:
@@ -47,7 +110,7 @@ def _load_subset(path: Path, samples: dict[str, Any]) -> list[str]:
 
 
 def _price(cfg: MMVetRun):  # -> Price | None
-    from eval.pricing import Price, lookup_price, parse_price_table
+    from .pricing import Price, lookup_price, parse_price_table
 
     if (cfg.price_in is None) != (cfg.price_out is None):
         raise UserError("--price-in and --price-out must be given together (USD per 1M tokens)")
@@ -57,7 +120,7 @@ def _price(cfg: MMVetRun):  # -> Price | None
         return Price(cfg.price_in, cfg.price_out, "--price-in/--price-out")  # type: ignore[arg-type]
     table = None
     if cfg.price_table is not None:
-        from eval.cli_config import load_mapping_file
+        from .cli_config import load_mapping_file
 
         table = parse_price_table(load_mapping_file(cfg.price_table), str(cfg.price_table))
     return lookup_price(cfg.judge_model, table)
@@ -94,7 +157,7 @@ def _grading(cfg: MMVetRun, samples: dict[str, Any]) -> tuple[str, GradeOptions,
     if cfg.version not in ("auto", "v1", "v2"):
         raise UserError(f"--mmvet-version must be auto, v1 or v2, not {cfg.version!r}")
     if cfg.official_evaluator is not None:
-        from eval.mmvet_official import read_official_evaluator
+        from .mmvet_official import read_official_evaluator
 
         if cfg.prompt_file is not None or cfg.grade.retry_suffix is not None:
             raise UserError("--official-evaluator supplies the prompt and retry wording: drop --prompt-file and "
@@ -119,12 +182,35 @@ def _grading(cfg: MMVetRun, samples: dict[str, Any]) -> tuple[str, GradeOptions,
     return version, opts, "custom (--prompt-file)" if preamble is not None else f"built-in {version}"
 
 
-def execute(cfg: MMVetRun) -> dict[str, Any]:
-    from eval.judge import Judge, JudgeCache, OpenAIBackend, Redactor, RetryPolicy, cache_key
-    from eval.pricing import CostMeter
+def run_mmvet(cfg: MMVetRun) -> dict[str, Any]:
+    """Judge, aggregate and write ``mmvet_judgements.jsonl``, ``mmvet_summary.{json,md}``, ``mmvet_manifest.json``.
+
+    Returns the summary. Raises :class:`RunStopped` (after writing everything) when the run did not finish with a
+    score for every judgement, :class:`UserError` for bad inputs.
+    """
+    from .judge import Redactor
+    from .pricing import CostMeter
 
     started = time.time()
     check_out_dir(cfg.out)
+    check_options(cfg)
+    inputs = load_inputs(cfg)
+    api_key = judge_api_key(cfg)
+    redact = Redactor(api_key)
+    price = _price(cfg)
+    meter = CostMeter(price, cfg.max_cost)
+    out = ensure_out_dir(cfg.out)
+    with OutDirLock(out):
+        judged = judge_inputs(cfg, inputs, out, api_key, redact, meter, price)
+        summary = build_summary(cfg, inputs, judged, redact)
+        write_outputs(cfg, inputs, judged, summary, out, started, redact)
+    if summary["scores"] is None:
+        raise stopped(cfg, summary, judged, out, redact)
+    return summary
+
+
+def check_options(cfg: MMVetRun) -> None:
+    """Refuse option values no run can use, before anything is read or asked."""
     if cfg.runs < 1:
         raise UserError("--runs must be at least 1")
     if cfg.concurrency < 1:
@@ -139,6 +225,11 @@ def execute(cfg: MMVetRun) -> dict[str, Any]:
     for name, value in (("unparseable", cfg.unparseable), ("rejected", cfg.rejected)):
         if value not in ("zero", "failure"):
             raise UserError(f"--{name} must be 'zero' or 'failure', not {value!r}")
+
+
+def load_inputs(cfg: MMVetRun) -> Inputs:
+    """The metadata (cut to ``--subset``), a prediction for each sample (a missing one is an error), and the
+    grading options and prompt."""
     samples = load_metadata(cfg.metadata)
     predictions = load_predictions(cfg.predictions)
     if cfg.subset is not None:
@@ -148,153 +239,191 @@ def execute(cfg: MMVetRun) -> dict[str, Any]:
     if missing:
         raise UserError(f"{cfg.predictions}: no prediction for {len(missing)} of {len(samples)} samples "
                         f"(e.g. {', '.join(missing[:5])}); use --subset to judge only some ids")
-    extra = [i for i in predictions if i not in samples]
-    version, gopts, prompt_label = _grading(cfg, samples)
-    preamble = gopts.preamble
+    extra = sum(1 for i in predictions if i not in samples)
+    version, grade, prompt_label = _grading(cfg, samples)
+    return Inputs(samples, predictions, extra, version, grade, prompt_label)
 
+
+def judge_api_key(cfg: MMVetRun) -> str:
+    """The judge's API key from the environment variable ``cfg.api_key_env``."""
     api_key = os.environ.get(cfg.api_key_env)
     if not api_key:
         raise UserError(f"environment variable {cfg.api_key_env} is not set (the judge's API key; "
                         "any non-empty value for a local server)")
-    redact = Redactor(api_key)
-    price = _price(cfg)
-    meter = CostMeter(price, cfg.max_cost)
+    return api_key
 
-    out = ensure_out_dir(cfg.out)
-    with OutDirLock(out):
-        cache = JudgeCache(cfg.cache or out / "judge_cache.jsonl")
+
+def judge_inputs(cfg: MMVetRun, inputs: Inputs, out: Path, api_key: str, redact: Any, meter: Any, price: Any
+                 ) -> Judged:
+    """Judge every (sample, run) through the cache in ``out`` (or ``--cache``), with a progress bar."""
+    from .judge import Judge, JudgeCache, OpenAIBackend, RetryPolicy
+
+    cache = JudgeCache(cfg.cache or out / "judge_cache.jsonl")
+    try:
         backend = OpenAIBackend(cfg.judge_model, api_key=api_key, base_url=cfg.base_url, azure=cfg.azure,
                                 api_version=cfg.api_version, timeout=cfg.timeout, redact=redact)
         judge = Judge(backend, cache, model=cfg.judge_model,
                       retry=RetryPolicy(cfg.max_retries, cfg.backoff_base, cfg.backoff_max),
                       meter=meter, stop=threading.Event())
-        bar = None
-        try:
-            from tqdm import tqdm
+        judgements = judge_with_progress(cfg, inputs, judge, meter)
+    finally:
+        cache.close()
+    return Judged(judgements, judge, cache, meter, price)
 
-            total = len(samples) * cfg.runs
-            bar = tqdm(total=total, desc=f"judging ({cfg.judge_model})", unit="judgement",
-                       disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-            failed = [0]
 
-            def progress(j: Judgement) -> None:
-                if j.status in ("error", "unparseable"):
-                    failed[0] += 1
-                bar.update(1)
-                bar.set_postfix(cost=f"${meter.spent:.4f}", new=judge.stats.requests,
-                                cached=judge.stats.cache_hits, failed=failed[0], refresh=False)
+def judge_with_progress(cfg: MMVetRun, inputs: Inputs, judge: Any, meter: Any) -> dict[tuple[str, int], Judgement]:
+    """:func:`~mmerase.eval.mmvet.judge_all` with a progress bar on stderr (cost, new, cached and failed counts)."""
+    from tqdm import tqdm
 
-            judgements = judge_all(judge, samples, predictions, cfg.runs, gopts, concurrency=cfg.concurrency,
-                                   max_failures=cfg.max_failures, progress=progress)
-        finally:
-            if bar is not None:
-                bar.close()
-            cache.close()
+    bar = tqdm(total=len(inputs.samples) * cfg.runs, desc=f"judging ({cfg.judge_model})", unit="judgement",
+               disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    failed = [0]
 
-        # every cached reply the scores rest on, for the usage/cost report
-        used: list[dict[str, Any]] = []
-        for (sid, r), j in judgements.items():
-            base_pred = predictions[sid]
-            base = build_prompt(samples[sid], base_pred, version, preamble)
-            for attempt, temp in enumerate(j.temperatures):
-                prompt = base if attempt == 0 else base + gopts.suffix()
-                rec = cache.get(cache_key(cfg.judge_model, prompt, base_pred, temp, r, gopts.max_tokens))
-                if rec is not None:
-                    used.append(rec)
+    def progress(j: Judgement) -> None:
+        if j.status in ("error", "unparseable"):
+            failed[0] += 1
+        bar.update(1)
+        bar.set_postfix(cost=f"${meter.spent:.4f}", new=judge.stats.requests, cached=judge.stats.cache_hits,
+                        failed=failed[0], refresh=False)
 
-        ids = list(samples)
-        scores, counts = scores_from_judgements(judgements, ids, cfg.runs, cfg.unparseable, cfg.rejected)
-        for k in ("ok", "unparseable", "error", "pending"):
-            counts.setdefault(k, 0)
-        counts["rejected"] = sum(1 for j in judgements.values() if j.status == "error" and j.rejected)
-        agg = aggregate({i: samples[i].capabilities for i in ids}, scores, cfg.runs) if scores is not None else None
-        # a stop that came after the last judgement was answered does not make the result incomplete
-        reason = None if agg is not None else (judge.stop_reason or "incomplete")
-        status = "complete" if reason is None else f"stopped: {reason}"
+    try:
+        return judge_all(judge, inputs.samples, inputs.predictions, cfg.runs, inputs.grade,
+                         concurrency=cfg.concurrency, max_failures=cfg.max_failures, progress=progress)
+    finally:
+        bar.close()
 
-        model_name = cfg.model_name or Path(cfg.predictions).stem
-        failures = [
-            {"id": j.id, "run": j.run, "status": j.status, "rejected": j.rejected, "error": j.error,
-             "replies": j.replies}
-            for j in judgements.values() if j.status in ("error", "unparseable")
-        ]
-        summary: dict[str, Any] = {
-            "benchmark": "mm-vet" if version == "v1" else "mm-vet-v2",
-            "model": model_name,
-            "status": status,
-            "complete": agg is not None,
-            "stop_message": redact(judge.stop_message) if judge.stop_message else None,
-            "num_samples": len(ids),
-            "num_runs": cfg.runs,
-            "judgements": {"total": len(judgements), **counts},
-            "unparseable_policy": cfg.unparseable,
-            "rejected_policy": cfg.rejected,
-            "scores": agg,
-            "failures": failures[:MAX_LISTED_FAILURES],
-            "failures_listed": min(len(failures), MAX_LISTED_FAILURES),
-            "ignored_predictions": len(extra),
-            "judge": {
-                "model": cfg.judge_model,
-                "server_models": sorted(judge.stats.server_models),
-                "temperature": gopts.temperature,
-                "max_tokens": gopts.max_tokens,
-                "parse_retries": gopts.parse_retries,
-                "prompt": prompt_label,
-            },
-            "usage": {
-                "this_invocation": {
-                    "requests": judge.stats.requests,
-                    "cache_hits": judge.stats.cache_hits,
-                    "retries": judge.stats.retries,
-                    "prompt_tokens": meter.prompt_tokens,
-                    "completion_tokens": meter.completion_tokens,
-                    "cost_usd": meter.spent if price else None,
-                    "usage_estimated": meter.estimated_usage,
-                },
-                "all_judgements": _usage_totals(used, cfg.runs, price),
-                "price": price.source if price else None,
-                "max_cost": cfg.max_cost,
-            },
-            "cache": {"path": str(cache.path), "records": len(cache), "unreadable_lines": cache.bad_lines},
-        }
-        rows = []
-        for sid in ids:
-            js = [judgements[(sid, r)] for r in range(cfg.runs)]
-            rows.append({
-                "id": sid, "capability": list(samples[sid].capabilities), "question": samples[sid].question,
-                "answer": samples[sid].answer, "prediction": predictions[sid],
-                "scores": [j.score for j in js], "judgements": [j.to_dict() for j in js],
-            })
-        write_jsonl(out / "mmvet_judgements.jsonl", rows)
-        write_json(out / "mmvet_summary.json", summary)
-        atomic_write_text(out / "mmvet_summary.md", redact(render_markdown(summary, cfg.decimal_places)))
-        options = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
-                   if k not in ("grade", "argv")}
-        options["base_url"] = redact(cfg.base_url) if cfg.base_url else None
-        options["grade"] = {k: v for k, v in gopts.__dict__.items() if k != "preamble"}
-        options["version"] = version
-        write_json(out / "mmvet_manifest.json", manifest(
-            "mmvet", {"metadata": cfg.metadata, "predictions": cfg.predictions, "prompt_file": cfg.prompt_file,
-                      "official_evaluator": cfg.official_evaluator,
-                      "subset": cfg.subset, "price_table": cfg.price_table},
-            options, started, argv=[redact(a) for a in cfg.argv] if cfg.argv is not None else None,
-            judge={"model": cfg.judge_model, "server_models": sorted(judge.stats.server_models),
-                   "api_key_env": cfg.api_key_env},
-        ))
-    if agg is None:
-        if reason == "incomplete":
-            unscored = counts["error"] + counts["pending"]
-            if cfg.rejected == "zero":
-                unscored -= counts["rejected"]
-            if cfg.unparseable == "failure":
-                unscored += counts["unparseable"]
-            msg = (f"{unscored} judgement(s) without a score (see {out / 'mmvet_judgements.jsonl'}); "
-                   "rerun the same command to retry them (answered ones are cached)")
-        else:
-            msg = (f"{redact(judge.stop_message or reason)}; judged so far is kept in {cache.path}, "
-                   "rerun the same command to resume")
-        raise RunStopped(msg, reason or "incomplete")
-    return summary
+
+def replies_used(cfg: MMVetRun, inputs: Inputs, judged: Judged) -> list[dict[str, Any]]:
+    """Every cached judge reply the scores rest on (each attempt of each judgement), for the usage and cost."""
+    from .judge import cache_key
+
+    used: list[dict[str, Any]] = []
+    g = inputs.grade
+    for (sid, r), j in judged.judgements.items():
+        prediction = inputs.predictions[sid]
+        base = build_prompt(inputs.samples[sid], prediction, inputs.version, g.preamble)
+        for attempt, temp in enumerate(j.temperatures):
+            prompt = base if attempt == 0 else base + g.suffix()
+            rec = judged.cache.get(cache_key(cfg.judge_model, prompt, prediction, temp, r, g.max_tokens))
+            if rec is not None:
+                used.append(rec)
+    return used
+
+
+def judgement_counts(cfg: MMVetRun, judgements: dict[tuple[str, int], Judgement], ids: list[str]
+                     ) -> tuple[dict[str, list[float]] | None, dict[str, int]]:
+    """Per-sample scores (None if any is missing) and the number of judgements per status, rejections included."""
+    scores, counts = scores_from_judgements(judgements, ids, cfg.runs, cfg.unparseable, cfg.rejected)
+    for k in ("ok", "unparseable", "error", "pending"):
+        counts.setdefault(k, 0)
+    counts["rejected"] = sum(1 for j in judgements.values() if j.status == "error" and j.rejected)
+    return scores, counts
+
+
+def build_summary(cfg: MMVetRun, inputs: Inputs, judged: Judged, redact: Any) -> dict[str, Any]:
+    """The run's summary: status, scores (None when incomplete), judgement counts, failures, judge and usage."""
+    ids = list(inputs.samples)
+    judgements, judge, g = judged.judgements, judged.judge, inputs.grade
+    scores, counts = judgement_counts(cfg, judgements, ids)
+    agg = aggregate({i: inputs.samples[i].capabilities for i in ids}, scores, cfg.runs) if scores is not None else None
+    # a stop that came after the last judgement was answered does not make the result incomplete
+    reason = None if agg is not None else (judge.stop_reason or "incomplete")
+    failures = [{"id": j.id, "run": j.run, "status": j.status, "rejected": j.rejected, "error": j.error,
+                 "replies": j.replies} for j in judgements.values() if j.status in ("error", "unparseable")]
+    return {
+        "benchmark": "mm-vet" if inputs.version == "v1" else "mm-vet-v2",
+        "model": cfg.model_name or Path(cfg.predictions).stem,
+        "status": "complete" if reason is None else f"stopped: {reason}",
+        "complete": agg is not None,
+        "stop_message": redact(judge.stop_message) if judge.stop_message else None,
+        "num_samples": len(ids),
+        "num_runs": cfg.runs,
+        "judgements": {"total": len(judgements), **counts},
+        "unparseable_policy": cfg.unparseable,
+        "rejected_policy": cfg.rejected,
+        "scores": agg,
+        "failures": failures[:MAX_LISTED_FAILURES],
+        "failures_listed": min(len(failures), MAX_LISTED_FAILURES),
+        "ignored_predictions": inputs.ignored_predictions,
+        "judge": {"model": cfg.judge_model, "server_models": sorted(judge.stats.server_models),
+                  "temperature": g.temperature, "max_tokens": g.max_tokens, "parse_retries": g.parse_retries,
+                  "prompt": inputs.prompt_label},
+        "usage": usage(cfg, inputs, judged),
+        "cache": {"path": str(judged.cache.path), "records": len(judged.cache),
+                  "unreadable_lines": judged.cache.bad_lines},
+    }
+
+
+def usage(cfg: MMVetRun, inputs: Inputs, judged: Judged) -> dict[str, Any]:
+    """Requests, tokens and cost of this invocation, and of every judge reply behind the scores."""
+    judge, meter, price = judged.judge, judged.meter, judged.price
+    return {
+        "this_invocation": {
+            "requests": judge.stats.requests,
+            "cache_hits": judge.stats.cache_hits,
+            "retries": judge.stats.retries,
+            "prompt_tokens": meter.prompt_tokens,
+            "completion_tokens": meter.completion_tokens,
+            "cost_usd": meter.spent if price else None,
+            "usage_estimated": meter.estimated_usage,
+        },
+        "all_judgements": _usage_totals(replies_used(cfg, inputs, judged), cfg.runs, price),
+        "price": price.source if price else None,
+        "max_cost": cfg.max_cost,
+    }
+
+
+def judgement_rows(cfg: MMVetRun, inputs: Inputs, judgements: dict[tuple[str, int], Judgement]
+                   ) -> list[dict[str, Any]]:
+    """One row per sample for ``mmvet_judgements.jsonl``: the sample, its prediction and each run's judgement."""
+    rows = []
+    for sid, sample in inputs.samples.items():
+        js = [judgements[(sid, r)] for r in range(cfg.runs)]
+        rows.append({
+            "id": sid, "capability": list(sample.capabilities), "question": sample.question,
+            "answer": sample.answer, "prediction": inputs.predictions[sid],
+            "scores": [j.score for j in js], "judgements": [j.to_dict() for j in js],
+        })
+    return rows
+
+
+def write_outputs(cfg: MMVetRun, inputs: Inputs, judged: Judged, summary: dict[str, Any], out: Path,
+                  started: float, redact: Any) -> None:
+    """Write the judgements, the summary (JSON and Markdown) and the manifest, each atomically."""
+    write_jsonl(out / "mmvet_judgements.jsonl", judgement_rows(cfg, inputs, judged.judgements))
+    write_json(out / "mmvet_summary.json", summary)
+    atomic_write_text(out / "mmvet_summary.md", redact(render_markdown(summary, cfg.decimal_places)))
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
+               if k not in ("grade", "argv")}
+    options["base_url"] = redact(cfg.base_url) if cfg.base_url else None
+    options["grade"] = {k: v for k, v in inputs.grade.__dict__.items() if k != "preamble"}
+    options["version"] = inputs.version
+    write_json(out / "mmvet_manifest.json", manifest(
+        "mmvet", {"metadata": cfg.metadata, "predictions": cfg.predictions, "prompt_file": cfg.prompt_file,
+                  "official_evaluator": cfg.official_evaluator,
+                  "subset": cfg.subset, "price_table": cfg.price_table},
+        options, started, argv=[redact(a) for a in cfg.argv] if cfg.argv is not None else None,
+        judge={"model": cfg.judge_model, "server_models": sorted(judged.judge.stats.server_models),
+               "api_key_env": cfg.api_key_env},
+    ))
+
+
+def stopped(cfg: MMVetRun, summary: dict[str, Any], judged: Judged, out: Path, redact: Any) -> RunStopped:
+    """The error of a run without a score: what is missing, and that a rerun resumes from the cache."""
+    reason = judged.judge.stop_reason or "incomplete"
+    if reason == "incomplete":
+        counts = summary["judgements"]
+        unscored = counts["error"] + counts["pending"]
+        if cfg.rejected == "zero":
+            unscored -= counts["rejected"]
+        if cfg.unparseable == "failure":
+            unscored += counts["unparseable"]
+        msg = (f"{unscored} judgement(s) without a score (see {out / 'mmvet_judgements.jsonl'}); "
+               "rerun the same command to retry them (answered ones are cached)")
+    else:
+        msg = (f"{redact(judged.judge.stop_message or reason)}; judged so far is kept in {judged.cache.path}, "
+               "rerun the same command to resume")
+    return RunStopped(msg, reason)
 
 
 def render_markdown(summary: dict[str, Any], places: int = 1) -> str:

@@ -1,4 +1,4 @@
-"""Per-sample records for :mod:`eval.unlearning` computed from models: mmerase's base + each adapter on each split.
+"""Per-sample records for :mod:`mmerase.eval.unlearning` computed from models: mmerase's base + each adapter on each split.
 
 For every sample: its loss L(z) (the model bundle's own per-sample loss), the greedy answer and the reference (its
 last assistant turn), and per answer token (the tokens L(z) averages over, teacher-forced on the reference):
@@ -123,7 +123,7 @@ def kl_to_reference(ref_bundle: Any, adapter: str | Path | None, data: Mapping[s
 def score_models(base: str, adapters: Mapping[str, str | Path | None], splits: Mapping[str, str | Path], *,
                  options: Any, retrained: str | None = None, generate: bool = True, batch_size: int = 8,
                  max_new_tokens: int = 32, progress: bool | None = None) -> dict[str, list[dict[str, Any]]]:
-    """``{adapter name: records}`` for :func:`eval.unlearning.evaluate_unlearning` (see the module docstring)."""
+    """``{adapter name: records}`` for :func:`mmerase.eval.unlearning.evaluate_unlearning` (see the module docstring)."""
     from mmerase.data import load_dataset
     from mmerase.models import load_model
 

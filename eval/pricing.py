@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from eval.errors import UserError
+from .errors import UserError
 
 BUILTIN_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4": (30.0, 60.0),

@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.errors import UserError
-from eval.io import read_json, read_json_or_jsonl
+from .errors import UserError
+from .io import read_json, read_json_or_jsonl
 
 MODES = ("official", "strict")
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")

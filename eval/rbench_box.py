@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.errors import UserError
-from eval.io import read_json_or_jsonl
+from .errors import UserError
+from .io import read_json_or_jsonl
 
 
 def _records(path: str | Path, what: str) -> list[dict[str, Any]]:

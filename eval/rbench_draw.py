@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from eval.errors import UserError
+from .errors import UserError
 
 MASK_COLORS: dict[str, tuple[int, int, int, int]] = {
     "red": (250, 0, 45, 120),

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eval.io import sha256_file
+from .io import sha256_file
 
 _VERSIONED = ("mmerase", "openai", "numpy", "scikit-learn", "pillow", "pyyaml", "tqdm", "torch", "transformers", "peft")
 

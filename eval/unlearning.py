@@ -12,17 +12,17 @@ membership scores, and ``kl_retrained`` the distance to retraining::
 
     {"token_logprobs": [...],      # log p(x_t | x_<t) of each answer token
      "token_vocab_mean": [...],    # μ_t: mean of log p over the vocabulary under the model's next-token distribution
-     "token_vocab_std": [...],     # σ_t: its standard deviation (see eval.mia)
+     "token_vocab_std": [...],     # σ_t: its standard deviation (see mmerase.eval.mia)
      "kl_retrained": 0.012}        # KL(retrained ‖ this adapter) averaged over the answer tokens (nats)
 
 Per split: mean loss, accuracy (``correct`` if given, else normalised exact match of prediction and reference) and
 ROUGE-L F-measure, as fractions in [0, 1]. Recovery ratio per split and metric: ``(adapter - corrupted) / (retrained
 - corrupted)`` (1 = as good as retraining, 0 = no change). Membership inference: ROC AUC of each score of
-:mod:`eval.mia` (loss, Min-K%, Min-K%++, zlib) separating the forget split (members) from held-out samples (0.5 = no
+:mod:`mmerase.eval.mia` (loss, Min-K%, Min-K%++, zlib) separating the forget split (members) from held-out samples (0.5 = no
 signal; the retrained adapter's AUC is the target). Distance to retraining, per split: the mean over samples of
 ``kl_retrained``, where for one sample ``KL = (1/T) Σ_t Σ_v P_r(v|x_<t) [log P_r(v|x_<t) − log P_a(v|x_<t)]`` over
 its T answer tokens, with P_r the retrained and P_a this adapter's next-token distribution on the same prefix
-(teacher-forced reference answer). Forget quality: the KS-test p-value of :func:`eval.mia.forget_quality`.
+(teacher-forced reference answer). Forget quality: the KS-test p-value of :func:`mmerase.eval.mia.forget_quality`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from eval.errors import UserError
-from eval.mia import SCORES, auc, check_token_fields, forget_quality, sample_mia_scores
+from mmerase.metrics import recovery_ratio
+
+from .errors import UserError
+from .mia import SCORES, auc, check_token_fields, forget_quality, sample_mia_scores
 
 SPLIT_METRICS = ("loss", "accuracy", "rouge_l")
 
@@ -84,17 +86,6 @@ def membership_auc(member_losses: Sequence[float], nonmember_losses: Sequence[fl
     return auc([-float(x) for x in member_losses], [-float(x) for x in nonmember_losses])
 
 
-def recovery_ratio(value: float | None, corrupted: float | None, retrained: float | None,
-                   tol: float = 1e-12) -> float | None:
-    """``(value - corrupted) / (retrained - corrupted)``; None when undefined (missing value or no gap)."""
-    if value is None or corrupted is None or retrained is None:
-        return None
-    gap = retrained - corrupted
-    if abs(gap) <= tol:
-        return None
-    return (value - corrupted) / gap
-
-
 # --------------------------------------------------------------------------------------------------- per-sample data
 def _check_records(name: str, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
@@ -129,7 +120,7 @@ def _check_records(name: str, records: Iterable[Mapping[str, Any]]) -> list[dict
 
 
 def sample_scores(rec: Mapping[str, Any], min_k: float | None = None) -> dict[str, Any]:
-    """Per-sample accuracy and ROUGE-L, and with ``min_k`` the membership scores of :mod:`eval.mia` and the KL to
+    """Per-sample accuracy and ROUGE-L, and with ``min_k`` the membership scores of :mod:`mmerase.eval.mia` and the KL to
     retraining (None where the record lacks what they need)."""
     pred, ref = rec.get("prediction"), rec.get("reference")
     correct = rec.get("correct")
@@ -240,7 +231,7 @@ def _mean_field(recs: Sequence[Mapping[str, Any]], field: str) -> float | None:
 
 def mia_aucs(recs: Sequence[Mapping[str, Any]], member_split: str, nonmember_split: str, min_k: float = 0.2
              ) -> dict[str, float | None]:
-    """ROC AUC of each membership score (:mod:`eval.mia`), members = ``member_split``, non-members =
+    """ROC AUC of each membership score (:mod:`mmerase.eval.mia`), members = ``member_split``, non-members =
     ``nonmember_split``; None for a score that some of these records cannot give (e.g. no token statistics, or no
     reference text for zlib)."""
     scored = {s: [sample_mia_scores(r, min_k) for r in recs if r["split"] == s] for s in (member_split, nonmember_split)}
@@ -254,7 +245,7 @@ def mia_aucs(recs: Sequence[Mapping[str, Any]], member_split: str, nonmember_spl
 
 def render_markdown(result: Mapping[str, Any], places: int = 4) -> str:
     """One table: a row per adapter and split with loss/accuracy/ROUGE-L, recovery ratios, and the MIA AUC."""
-    from eval.report import markdown_table
+    from .report import markdown_table
 
     rows = []
     for name, a in result["adapters"].items():

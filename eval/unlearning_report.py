@@ -1,5 +1,5 @@
 """The ``unlearning`` report: every metric in one table (a row per metric, a column per adapter) and one figure (a
-bar chart per metric, the retrained adapter's value marked), from :func:`eval.unlearning.evaluate_unlearning`."""
+bar chart per metric, the retrained adapter's value marked), from :func:`mmerase.eval.unlearning.evaluate_unlearning`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from eval.io import atomic_write_bytes
+from .io import atomic_write_bytes
 
 _SCORE_LABELS = {"loss": "loss", "min_k": "Min-{k}%", "min_k_pp": "Min-{k}%++", "zlib": "zlib"}
 _SPLIT_LABELS = {"loss": "loss", "accuracy": "accuracy", "rouge_l": "ROUGE-L"}
@@ -37,8 +37,8 @@ def metric_rows(result: Mapping[str, Any]) -> list[tuple[str, dict[str, float | 
 
 def render_summary(result: Mapping[str, Any], places: int = 4) -> str:
     """Markdown: what each metric is, the one table of all metrics, then the per-split detail with recoveries."""
-    from eval.report import markdown_table
-    from eval.unlearning import render_markdown
+    from .report import markdown_table
+    from .unlearning import render_markdown
 
     ref = result["reference"]["retrained"]
     names = list(result["adapters"])

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
+from importlib.machinery import PathFinder
+from pathlib import Path
 from typing import Any
 
 __all__ = ["Edit", "InfluenceEngine", "SolveResult", "SolverConfig", "Task"]
@@ -24,6 +27,23 @@ class _DropKnownNoise(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKnownNoise())
+
+
+class _SourceTreeEval:
+    """Finds ``mmerase.eval`` in a source checkout, where eval/ sits beside mmerase/ (an installed mmerase carries
+    it as a subpackage, see pyproject.toml), so the tree also runs from ``PYTHONPATH=checkout`` without installing.
+    Registered only in a checkout, and answers for that one name only."""
+
+    root = Path(__file__).resolve().parent.parent
+
+    @classmethod
+    def find_spec(cls, fullname: str, path: Any = None, target: Any = None) -> Any:
+        return PathFinder.find_spec(fullname, [str(cls.root)]) if fullname == __name__ + ".eval" else None
+
+
+if (_SourceTreeEval.root / "pyproject.toml").is_file() and (_SourceTreeEval.root / "eval" / "__init__.py").is_file() \
+        and _SourceTreeEval not in sys.meta_path:
+    sys.meta_path.insert(0, _SourceTreeEval)  # type: ignore[arg-type]
 
 
 def __getattr__(name: str) -> Any:

@@ -165,7 +165,7 @@ def _cmd_demo(a: argparse.Namespace, c: dict[type, Any]) -> int:
 
 def _cmd_eval(argv: list[str]) -> int:
     try:
-        from eval.cli import main as eval_main
+        from .eval.cli import main as eval_main
     except ImportError as e:  # pragma: no cover - eval ships with the package
         raise UsageError(f"the evaluation harness is not installed: {e}") from None
     return eval_main(argv, prog="mmerase eval")

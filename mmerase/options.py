@@ -7,7 +7,8 @@ parse its string form, and its flag when that differs from ``--field-name``. A c
 their options to an argparse parser and :func:`build` constructs each dataclass from the parsed values through its
 constructor, so a config's own validation can never be bypassed. :func:`config_file_values` reads a YAML file's
 values for one command (the top level, then the command's section), converted like command-line strings; an
-unknown key is an error that suggests the closest option.
+unknown key is an error that suggests the closest option. A hand-written argparse parser (the evaluation harness's)
+gets the same config files through :func:`parser_flags`.
 """
 
 from __future__ import annotations
@@ -60,22 +61,39 @@ class Flag:
     boolean: bool
     required: bool
     alias: tuple[str, Any] | None = None
+    nargs: str | int | None = None
 
     def convert(self, value: Any, where: str) -> Any:
-        """A config-file value → the field's value, checked like a command-line string."""
+        """A config-file value → the field's value, checked like a command-line string. A list option takes a
+        YAML list (or one value); a ``NAME: VALUE`` mapping becomes ``NAME=VALUE`` items."""
+        if self.nargs not in ("+", "*"):
+            return self.convert_one(value, where)
+        if isinstance(value, dict):
+            value = [f"{k}={v}" for k, v in value.items()]
+        return [self.convert_one(v, where) for v in (value if isinstance(value, list) else [value])]
+
+    def convert_one(self, value: Any, where: str) -> Any:
+        """One config-file value, as :meth:`convert` (YAML reads a bare on/off as a boolean: it stands for the word
+        where the choices are on and off)."""
         if value is None:
             return None
         if self.boolean:
             if not isinstance(value, bool):
                 raise UsageError(f"{where}'{self.dest}' must be true or false, got {value!r}")
             return value
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"{where}'{self.dest}' must be a single value, got {value!r}")
+        if isinstance(value, bool) and self.choices and {"on", "off"} <= set(self.choices):
+            value = "on" if value else "off"
+        elif isinstance(value, float) and self.parse is int and value.is_integer():
+            value = int(value)
         try:
             out = self.parse(str(value)) if self.parse else value
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
             raise UsageError(f"{where}'{self.dest}' has an invalid value {value!r}") from None
         if self.choices and out not in self.choices:
-            raise UsageError(f"{where}'{self.dest}' is {value!r}{_hint(str(out), self.choices)}; choose one of: "
-                             f"{', '.join(map(str, self.choices))}")
+            raise UsageError(f"{where}'{self.dest}' must be one of {', '.join(map(str, self.choices))}, not "
+                             f"{value!r}{_hint(str(out), self.choices)}")
         return out
 
 
@@ -166,6 +184,22 @@ def command_flags(groups: Iterable[Group], shared: Iterable[str] = ()) -> list[F
     return list(seen.values())
 
 
+def parser_flags(parser: argparse.ArgumentParser, skip: Iterable[str] = ("help",)) -> list[Flag]:
+    """The options of an argparse parser written by hand, as :class:`Flag` s (so :func:`config_file_values` reads
+    config files for it): each option's type, choices and list-ness (``nargs``); store_true / store_false /
+    BooleanOptionalAction options are booleans. Positional arguments and the ``skip`` destinations are left out."""
+    out = []
+    for a in parser._actions:
+        if not a.option_strings or a.dest in skip or a.dest == argparse.SUPPRESS:
+            continue
+        boolean = isinstance(a, argparse.BooleanOptionalAction) or (
+            isinstance(a, argparse._StoreConstAction) and isinstance(a.const, bool))
+        out.append(Flag(dest=a.dest, field=a.dest, flag=a.option_strings[0], help=a.help or "", default=a.default,
+                        parse=None if boolean else a.type or str, choices=tuple(a.choices) if a.choices else None,
+                        boolean=boolean, required=a.required, nargs=a.nargs))
+    return out
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, except where there is none to show (None, or a switch)."""
 
@@ -219,39 +253,63 @@ def _hint(value: str, pool: Iterable[Any]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file's top-level mapping; a missing file or bad YAML is a :class:`UsageError` naming the file."""
+def _key_hint(dest: str, pool: Iterable[str]) -> str:
+    """The closest option name, spelled as on the command line (with -)."""
+    close = difflib.get_close_matches(dest, sorted(pool), n=1)
+    return f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
+
+
+def read_yaml(path: str | Path, label: str = "") -> Any:
+    """A YAML (or JSON, a subset of YAML) file's data. A missing file, bad YAML or text that is not UTF-8 is a
+    :class:`UsageError` naming ``label`` + the file, and the line of a syntax error."""
     import yaml
 
     p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{label}{p}: file not found")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} not found") from None
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise UsageError(f"config file {path} is not valid YAML: {e}".replace("\n", " ")) from None
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{label}{p}{line}: invalid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{label}{p}: not UTF-8 text") from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping (an empty file is an empty one); see :func:`read_yaml` for its errors."""
+    raw = read_yaml(path, "config file ")
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
         raise UsageError(f"config file {path}: expected a mapping of option: value")
     return raw
 
 
-def config_file_values(path: str | Path, command: str, flags: Sequence[Flag], known: set[str],
-                       sections: set[str], prog: str = "mmerase") -> dict[str, Any]:
-    """The values of config file ``path`` that apply to ``command`` (whose options are ``flags``): keys at the top
-    level (used by every command that has them; ``known`` holds every command's keys) and in the ``command:``
-    section (which must all be its own). Values are converted like command-line strings."""
+def config_file_values(path: str | Path, command: str, flags: Sequence[Flag], known: set[str] | None = None,
+                       sections: set[str] | None = None, prog: str = "mmerase") -> dict[str, Any]:
+    """The values of config file ``path`` that apply to ``command`` (whose options are ``flags``), keyed by option
+    ``dest`` and converted like command-line strings.
+
+    With ``sections`` (the names of every command), the file serves several commands: keys at the top level are
+    used by each command that has them (``known`` holds every command's keys) and the ``command:`` section's keys
+    must all be its own. Without, the file is this command's alone: every key must be one of its options.
+    """
     raw = read_yaml_mapping(path)
     mine = {fl.dest: fl for fl in flags}
     aliases = {fl.alias[0].lstrip("-").replace("-", "_"): fl for fl in flags if fl.alias}
     values: dict[str, Any] = {}
 
-    def take(key: str, value: Any, section: str | None) -> None:
-        dest = key.replace("-", "_")
-        where = f"config file {path}: " + (f"section '{section}': " if section else "")
-        pool = set(mine) | set(aliases) if section else known
+    def take(key: Any, value: Any, section: str | None) -> None:
+        dest = str(key).replace("-", "_")
+        own = section is not None or sections is None
+        pool = set(mine) | set(aliases) if own else set(known or ())
         if dest not in pool:
-            scope = f"an option of `{prog} {section}`" if section else f"an option of any {prog} command"
-            raise UsageError(f"{where}key '{key}' is not {scope}{_hint(dest, sorted(pool))}")
+            scope = f"'{section or command}'" if own else f"any {prog} command"
+            raise UsageError(f"config file {path}: unknown key '{key}' for {scope}{_key_hint(dest, pool)}")
+        where = f"config file {path}: " + (f"section '{section}': " if section else "")
         if dest in aliases:
             if not isinstance(value, bool):
                 raise UsageError(f"{where}'{dest}' must be true or false, got {value!r}")
@@ -261,15 +319,15 @@ def config_file_values(path: str | Path, command: str, flags: Sequence[Flag], kn
             values[dest] = mine[dest].convert(value, where)
 
     for key, value in raw.items():
-        if key in sections:
+        if sections and key in sections:
             if not isinstance(value, dict):
                 raise UsageError(f"config file {path}: section '{key}' must be a mapping")
             continue
         take(key, value, None)
-    for key, value in (raw.get(command) or {}).items():
+    for key, value in ((raw.get(command) or {}).items() if sections else ()):
         take(key, value, command)
     return values
 
 
-__all__ = ["Flag", "Group", "HelpFormatter", "UsageError", "add_flags", "build", "command_flags", "config_file_values", "option",
-           "optional", "read_yaml_mapping"]
+__all__ = ["Flag", "Group", "HelpFormatter", "UsageError", "add_flags", "build", "command_flags", "config_file_values",
+           "option", "optional", "parser_flags", "read_yaml", "read_yaml_mapping"]

@@ -1,28 +1,23 @@
-"""Run records and safe output folders: hashes, versions, and write-then-rename so nothing is half-written."""
+"""Run records: hashes of inputs, package versions and the machine, written so nothing is half-written.
+
+The writing itself (atomic files and folders, JSON) is :mod:`mmerase.fileio`'s, shared with the evaluation harness;
+its names used by mmerase's commands are importable from here too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import platform
-import shutil
-import tempfile
-from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import fileio
+from .fileio import OutputExistsError, atomic_output_dir, atomic_output_file, sha256_file
+
 PACKAGES = ("mmerase", "torch", "transformers", "peft", "bitsandbytes", "deepspeed", "tokenizers", "numpy")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_dir(path: str | Path) -> str:
@@ -63,47 +58,10 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    """A run record or report as indented JSON, written atomically; values JSON has no type for are written as
+    strings, floats as they are (NaN included)."""
+    fileio.write_json(path, data, strict=False, default=str)
 
 
-class OutputExistsError(FileExistsError):
-    """The output path exists; mmerase never overwrites results."""
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block finishes.
-
-    An interrupted or failed run leaves nothing under ``out`` (the temporary folder is removed).
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output folder {out} already exists; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():  # overwrite=True
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
-@contextlib.contextmanager
-def atomic_output_file(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Like :func:`atomic_output_dir` for one file."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output file {out} already exists; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
+__all__ = ["PACKAGES", "OutputExistsError", "atomic_output_dir", "atomic_output_file", "machine", "sha256_dir",
+           "sha256_file", "versions", "write_json"]

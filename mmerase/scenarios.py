@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DIGIT_WORDS, Sample, digit_images, digit_samples, load_dataset, modify_sample, save_dataset
+from .metrics import recovery_ratio
 from .models import LoadOptions, LoraSettings, load_model
 from .models.presets import build_preset
 from .options import option
@@ -151,12 +152,6 @@ def evaluate_bundle(bundle: Any, sets: dict[str, tuple[list[Sample], list[int | 
         out[f"{name}_acc"] = sum(a == e for a, e in zip(answers, expected)) / len(labels)
         out[f"{name}_loss"] = float(bundle.per_sample_losses(samples, batch_size=64).mean())
     return out
-
-
-def recovery_ratio(unlearned: float, corrupted: float, retrained: float) -> float | None:
-    """(unlearned − corrupted) / (retrained − corrupted); None when there is no gap."""
-    gap = retrained - corrupted
-    return None if abs(gap) < 1e-12 else (unlearned - corrupted) / gap
 
 
 def write_edits(path: Path, lines: list[dict[str, Any]]) -> None:

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from fake_openai import FakeOpenAI  # noqa: E402
 
-from eval.cli import build_parser, main  # noqa: E402
+from mmerase.eval.cli import build_parser, main  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,8 @@ def test_prog_name_for_mmerase_eval_dispatch(capsys):
     assert capsys.readouterr().out.startswith("usage: mmerase eval ")
 
 
-def test_python_dash_m_eval_works():
-    r = subprocess.run([sys.executable, "-m", "eval", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+def test_python_dash_m_mmerase_eval_works():
+    r = subprocess.run([sys.executable, "-m", "mmerase.eval", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "mmvet" in r.stdout and "unlearning" in r.stdout
 
 

@@ -15,8 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from fake_openai import FakeOpenAI, Reply  # noqa: E402
 
-from eval.errors import UserError  # noqa: E402
-from eval.judge import (  # noqa: E402
+from mmerase.eval.errors import UserError  # noqa: E402
+from mmerase.eval.judge import (  # noqa: E402
     Judge,
     JudgeAPIError,
     JudgeCache,
@@ -26,7 +26,7 @@ from eval.judge import (  # noqa: E402
     cache_key,
     parse_retry_after,
 )
-from eval.pricing import CostMeter, Price, lookup_price, parse_price_table  # noqa: E402
+from mmerase.eval.pricing import CostMeter, Price, lookup_price, parse_price_table  # noqa: E402
 
 
 def make_judge(srv, tmp_path, *, timeout=5.0, retry=None, meter=None, waits=None):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.errors import UserError
-from eval.judge import Completion, JudgeAPIError
-from eval.mmvet import (
+from mmerase.eval.errors import UserError
+from mmerase.eval.judge import Completion, JudgeAPIError
+from mmerase.eval.mmvet import (
     RETRY_SUFFIX_V1,
     GradeOptions,
     MMVetSample,
@@ -119,7 +119,7 @@ def test_official_retry_temperature_schedule():
 
 
 class ScriptedJudge:
-    """Stands in for eval.judge.Judge: replies from a list, records what was asked."""
+    """Stands in for mmerase.eval.judge.Judge: replies from a list, records what was asked."""
 
     def __init__(self, replies):
         self.replies = list(replies)
@@ -189,8 +189,8 @@ def test_prediction_and_metadata_layouts(tmp_path):
 def test_unexpected_error_stops_the_pool_instead_of_draining_it():
     import threading
 
-    from eval.judge import JudgeStopped
-    from eval.mmvet import judge_all
+    from mmerase.eval.judge import JudgeStopped
+    from mmerase.eval.mmvet import judge_all
 
     class Breaks:
         def __init__(self):

@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from fake_openai import FakeOpenAI  # noqa: E402
 
-from eval.cli import main  # noqa: E402
+from mmerase.eval.cli import main  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 

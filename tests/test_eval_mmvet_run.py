@@ -1,4 +1,4 @@
-"""Judged MM-Vet runs end to end through ``eval.cli.main`` against a real local OpenAI-compatible server:
+"""Judged MM-Vet runs end to end through ``mmerase.eval.cli.main`` against a real local OpenAI-compatible server:
 official numbers, kill-and-resume without repeated requests, failures never turned into scores, cost cap,
 parse retries, backoff, concurrency bound, and the API key never reaching any output."""
 
@@ -19,8 +19,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "eval"))
 from fake_openai import FakeOpenAI, Reply  # noqa: E402
 
-from eval.cli import main  # noqa: E402
-from eval.mmvet import RETRY_SUFFIX_V1  # noqa: E402
+from mmerase.eval.cli import main  # noqa: E402
+from mmerase.eval.mmvet import RETRY_SUFFIX_V1  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 META = FIX / "mmvet_small.json"
@@ -129,7 +129,7 @@ def test_killed_process_resumes_where_it_stopped(tmp_path, capsys, key_env):
     with FakeOpenAI(delay=0.1) as srv:
         key_env(srv)
         env = {**os.environ, "OPENAI_API_KEY": srv.key, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, "-m", "eval", *mmvet_argv(srv, out, preds=preds)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "mmerase.eval", *mmvet_argv(srv, out, preds=preds)], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 30
         while len(cache_lines(out)) < 4 and time.time() < deadline and proc.poll() is None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from eval.cli import main
-from eval.rbench import evaluate, load_answers, load_questions, parse_official, parse_strict, yes_no_metrics
-from eval.rbench_draw import draw_boxes, draw_masks, instance_question
+from mmerase.eval.cli import main
+from mmerase.eval.rbench import evaluate, load_answers, load_questions, parse_official, parse_strict, yes_no_metrics
+from mmerase.eval.rbench_draw import draw_boxes, draw_masks, instance_question
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 EPS = 1e-5  # the official script's denominator guard

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.cli import main
+from mmerase.eval.cli import main
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
 WEB_Q, WEB_A = FIX / "rbench_web_questions.json", FIX / "rbench_web_answers.jsonl"
@@ -57,7 +57,7 @@ def summary(out):
 
 
 def test_answers_with_raw_line_separators_are_valid_json_lines():
-    from eval.io import iter_jsonl
+    from mmerase.eval.io import iter_jsonl
 
     raw = WEB_A.read_text(encoding="utf-8")
     assert "\u2028" in raw and "\u2029" in raw and "\u0085" in raw  # str.splitlines() would cut these records

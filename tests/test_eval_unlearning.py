@@ -8,9 +8,9 @@ import zlib
 
 import pytest
 
-from eval.cli import main
-from eval.errors import UserError
-from eval.unlearning import evaluate_unlearning, lcs_length, membership_auc, recovery_ratio, rouge_l
+from mmerase.eval.cli import main
+from mmerase.eval.errors import UserError
+from mmerase.eval.unlearning import evaluate_unlearning, lcs_length, membership_auc, recovery_ratio, rouge_l
 
 REFS = ["seven", "three", "five", "two"]
 

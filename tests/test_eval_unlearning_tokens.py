@@ -15,9 +15,9 @@ from lora_points import perturb_lora_b
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score
 
-from eval.mia import sample_mia_scores
-from eval.model_scores import score_models
-from eval.unlearning import evaluate_unlearning
+from mmerase.eval.mia import sample_mia_scores
+from mmerase.eval.model_scores import score_models
+from mmerase.eval.unlearning import evaluate_unlearning
 from mmerase.data import Sample, digit_samples, save_dataset
 from mmerase.models import LoadOptions, LoraSettings, load_model
 
@@ -184,7 +184,7 @@ def _with_files(samples, folder):
 
 
 def test_cli_writes_one_table_and_one_figure(llama_case, tmp_path, capsys):
-    from eval.cli import main
+    from mmerase.eval.cli import main
 
     base, adapters, _, _ = llama_case
     root = adapters["retrained"].parent
@@ -211,7 +211,7 @@ def test_cli_writes_one_table_and_one_figure(llama_case, tmp_path, capsys):
 
 
 def test_option_errors_come_before_any_model_runs(llama_case, tmp_path, capsys):
-    from eval.cli import main
+    from mmerase.eval.cli import main
 
     base, adapters, _, _ = llama_case
     root = adapters["retrained"].parent
