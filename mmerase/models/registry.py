@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmerase.models.base import LoadOptions, LoraSettings, ModelBundle, ModelLoadError
+from mmerase.models.base import ModelBundle
+from mmerase.models.loading import LoadOptions, LoraSettings, ModelLoadError
 from mmerase.models.llava import LlavaBundle
 from mmerase.models.presets import PRESETS, preset_path
 from mmerase.models.text import TextBundle
