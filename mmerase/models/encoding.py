@@ -2,7 +2,8 @@
 
 Every assistant turn is trained on: the template is rendered once per turn boundary and assistant spans are located
 by character offsets, so the ids are exactly what the checkpoint's template and tokenizer give for the whole
-conversation, and the labels are those ids inside assistant turns (-100 elsewhere). Image families render each image
+conversation, and the labels are those ids inside assistant turns, through the turn's EOS token (-100 elsewhere;
+an EOS is added where a template ends a turn without one). Image families render each image
 as a typed ``{"type": "image"}`` content part, where the template writes its image token once; the family then
 widens that token to the image's number of vision tokens (see :mod:`mmerase.models.vision`).
 """
@@ -122,8 +123,15 @@ class ChatEncoder:
                     f"the chat template of {self.name!r} renders conversation prefixes inconsistently "
                     f"(sample '{sample.id}', turn {i}), so assistant turns cannot be located; pass a template "
                     "whose rendering of a prefix of a conversation is a prefix of the whole")
-            spans.append((len(prefix), len(upto)))
+            spans.append((len(prefix), self.turn_end(text, len(prefix), len(upto))))
         return spans
+
+    def turn_end(self, text: str, start: int, end: int) -> int:
+        """Where an assistant turn's trained text ends: right after its last EOS (the template's end-of-turn
+        token) when it has one, so a separator the template writes after EOS is not trained on."""
+        eos = self.tokenizer.eos_token
+        cut = text.rfind(eos, start, end) if eos else -1
+        return end if cut < 0 else cut + len(eos)
 
     def _encode(self, sample: Sample, for_generation: bool) -> Encoded:
         messages = self.messages(sample)

@@ -66,10 +66,8 @@ class FrozenFeatureCache:
     def _compute(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """One image set's features, with the vision modules in eval mode (as the engine's products run)."""
         model = self.bundle.base_model()
-        inner = model.model
-        modules = [getattr(inner, self.bundle.vision_module)]
-        if hasattr(inner, self.bundle.projector_module):
-            modules.append(getattr(inner, self.bundle.projector_module))
+        vision, projectors = self.bundle.image_modules()
+        modules = [vision] + projectors
         modes = [(m, m.training) for part in modules for m in part.modules()]
         inputs = move_to(tensors, model_device(model))
         inputs = {k: v.to(self.bundle.compute_dtype) if v.is_floating_point() else v for k, v in inputs.items()}

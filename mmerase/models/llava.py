@@ -61,7 +61,7 @@ class LlavaBundle(VisionBundle):
     def load_processor(cls, path: str, options: LoadOptions) -> tuple[Any, Any]:
         return load_full_processor(path, options)
 
-    def process_image(self, image: Image.Image) -> dict[str, torch.Tensor]:
+    def process_image(self, image: Image.Image, n_images: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.image_processor(image, return_tensors="pt")["pixel_values"]}
 
     def num_image_tokens(self, height: int, width: int) -> int:

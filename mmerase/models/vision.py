@@ -25,6 +25,7 @@ from torch import nn
 from mmerase.data import DataError, Sample, image_name, load_image_ref
 from mmerase.models.base import ModelBundle
 from mmerase.models.encoding import pad_rows
+from mmerase.models.loading import projector_module_names
 from mmerase.models.task import IGNORE_INDEX
 
 
@@ -83,9 +84,8 @@ class VisionBundle(ModelBundle):
     """A vision-language checkpoint with its image processor and chat template (see the module docstring)."""
 
     supports_images: ClassVar[bool] = True
-    #: the module (attribute of the inner ``model.model``) that encodes images, and the projector inside or after it
+    #: the module (attribute of the inner ``model.model``) that encodes images; the projector is ``spec``'s
     vision_module: ClassVar[str] = "vision_tower"
-    projector_module: ClassVar[str] = "multi_modal_projector"
 
     def __init__(self, model: nn.Module, tokenizer: Any, processor: Any = None, **kwargs: Any) -> None:
         self.image_processor = getattr(processor, "image_processor", processor)
@@ -98,8 +98,8 @@ class VisionBundle(ModelBundle):
 
     # ---- family parts -----------------------------------------------------------------------------------------
 
-    def process_image(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        """The image processor's tensors for one image (leading dimension 1)."""
+    def process_image(self, image: Image.Image, n_images: int) -> dict[str, torch.Tensor]:
+        """The image processor's tensors for one image (leading dimension 1) of a sample with ``n_images``."""
         raise NotImplementedError
 
     def merge_tensors(self, parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -116,10 +116,11 @@ class VisionBundle(ModelBundle):
         """The sample's images through the image processor; an image it cannot take is a :class:`DataError`
         naming the sample and the file."""
         parts = []
-        for ref in sample.image_refs:
+        refs = sample.image_refs
+        for ref in refs:
             image = load_image_ref(ref, f"sample '{sample.id}': field 'image'")
             try:
-                parts.append(self.process_image(image))
+                parts.append(self.process_image(image, len(refs)))
             except Exception as exc:  # processors raise ValueError, TypeError, ...: the message is what matters
                 raise DataError(f"sample '{sample.id}': image {image_name(ref)} ({image.width}×{image.height}) cannot "
                                 f"be taken by the {self.family} image processor: {exc}") from exc
@@ -162,16 +163,19 @@ class VisionBundle(ModelBundle):
 
     # ---- frozen features (see .feature_cache) -----------------------------------------------------------------
 
+    def image_modules(self) -> tuple[nn.Module, list[nn.Module]]:
+        """(the vision encoder, the projector modules), projector modules possibly inside the encoder."""
+        base = self.base_model()
+        names = set(projector_module_names(self.spec, base))
+        return getattr(base.model, self.vision_module), [m for n, m in base.named_modules() if n in names]
+
     def vision_frozen(self) -> tuple[bool, bool]:
         """(vision encoder frozen, projector frozen) in the current adapter."""
-        inner = self.base_model().model
-        vision = getattr(inner, self.vision_module)
-        projector = getattr(inner, self.projector_module, None)
-        if projector is None:  # the projector lives inside the vision module (Qwen-VL's merger)
-            projector = getattr(vision, "merger")
-        proj_params = {id(p) for p in projector.parameters()}
+        vision, projectors = self.image_modules()
+        proj_params = {id(p) for m in projectors for p in m.parameters()}
         vision_trains = any(p.requires_grad for p in vision.parameters() if id(p) not in proj_params)
-        return not vision_trains, not any(p.requires_grad for p in projector.parameters())
+        projector_trains = any(p.requires_grad for m in projectors for p in m.parameters())
+        return not vision_trains, not projector_trains
 
     def feature_cache(self) -> Any:
         """A :class:`~mmerase.models.feature_cache.FrozenFeatureCache` of projector outputs when the vision encoder
