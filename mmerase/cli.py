@@ -65,7 +65,8 @@ def _optional_int(text: str) -> int | None:
 
 
 MODEL_OPTS = [
-    Opt("--base", "base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama)",
+    Opt("--base", "base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama, "
+        "tiny-llava-next, tiny-llava-onevision, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl)",
         required=True),
     Opt("--dtype", "dtype of the model and adapter", "float32", choices=("float32", "float64", "bfloat16", "float16")),
     Opt("--load-in-4bit", "load the base 4-bit (NF4, bitsandbytes); the adapter stays in --dtype", False,
@@ -124,7 +125,7 @@ LORA_OPTS = [
     Opt("--lora-alpha", "LoRA alpha", 16.0, float),
     Opt("--lora-dropout", "LoRA dropout", 0.0, float),
     Opt("--lora-targets", "regex of modules to adapt (default: the language model's projections)", None),
-    Opt("--train-projector", "also train the LLaVA projector (peft modules_to_save)", False, boolean=True),
+    Opt("--train-projector", "also train the multimodal projector, saved with the adapter", False, boolean=True),
 ]
 TRAIN_OPTS = [
     Opt("--epochs", "passes over the data", 3, int),

@@ -64,7 +64,7 @@ class FrozenFeatureCache:
 
     @torch.no_grad()
     def _compute(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """One image set's features, with the vision modules in eval mode (as the engine's products run)."""
+        """Features of merged image sets, per image, with the vision modules in eval mode (as products run)."""
         model = self.bundle.base_model()
         vision, projectors = self.bundle.image_modules()
         modules = [vision] + projectors
@@ -80,18 +80,25 @@ class FrozenFeatureCache:
                 m.training = t
 
     def features(self, sets: Sequence[Any]) -> list[dict[str, Any]]:
-        """Cached features of each image set (computing the missing ones)."""
-        out = []
-        for s in sets:
-            key = s.digest()
-            if key in self._features:
+        """Cached features of each image set; the missing ones are computed in one pass of the vision encoder."""
+        keys = [s.digest() for s in sets]
+        missing: dict[str, Any] = {}
+        for key, s in zip(keys, sets):
+            if key in self._features or key in missing:
                 self.hits += s.n_images
             else:
                 self.misses += s.n_images
-                self._features[key] = self._compute(s.tensors)
+                missing[key] = s
+        if missing:
+            todo = list(missing.values())
+            merged = self.bundle.merge_tensors([s.tensors for s in todo])
+            feats = self._compute(merged)
+            start = 0
+            for key, s in missing.items():
+                self._features[key] = split_features(feats, start, start + s.n_images)
                 self._counts[key] = s.n_images
-            out.append(self._features[key])
-        return out
+                start += s.n_images
+        return [self._features[k] for k in keys]
 
     def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
         """The bundle's batch with the pixel tensors replaced by cached image features."""
@@ -101,6 +108,15 @@ class FrozenFeatureCache:
             batch.update({k: v for k, v in self.bundle.batch_images(sets).items() if k not in pixel_keys})
             batch[FEATURES_KEY] = self.features(sets)
         return batch
+
+
+def split_features(feats: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Images ``start:stop`` of per-image features (``pooler``: a list over images; ``deepstack``: a list over
+    layers of lists over images)."""
+    out: dict[str, Any] = {"pooler": list(feats["pooler"][start:stop])}
+    if "deepstack" in feats:
+        out["deepstack"] = [list(layer[start:stop]) for layer in feats["deepstack"]]
+    return out
 
 
 class CachedFeatureTask(CausalLMTask):
@@ -138,4 +154,4 @@ class CachedFeatureTask(CausalLMTask):
         return inputs
 
 
-__all__ = ["CachedFeatureTask", "FEATURES_KEY", "FrozenFeatureCache", "LEVELS"]
+__all__ = ["CachedFeatureTask", "FEATURES_KEY", "FrozenFeatureCache", "LEVELS", "split_features"]

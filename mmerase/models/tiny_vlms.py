@@ -39,8 +39,9 @@ def _llava_next() -> tuple[Any, Any, Any, Any]:
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=16, patch_size=4, projection_dim=32)
     config = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**_lm_kwargs(tok)),
-                             image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=TINY_PINPOINTS,
-                             vision_feature_layer=-1, vision_feature_select_strategy="default", image_seq_length=16)
+                             image_token_index=tok.convert_tokens_to_ids("<image>"),
+                             image_grid_pinpoints=TINY_PINPOINTS, vision_feature_layer=-1,
+                             vision_feature_select_strategy="default", image_seq_length=16)
     images = LlavaNextImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
                                         image_grid_pinpoints=TINY_PINPOINTS)
     processor = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=4,

@@ -186,8 +186,8 @@ class VisionBundle(ModelBundle):
         return FrozenFeatureCache(self, "projector") if vision_frozen and projector_frozen else None
 
     def image_features(self, tensors: dict[str, torch.Tensor], level: str) -> dict[str, Any]:
-        """One image set's features as the model computes them (no grad; inputs already on the model's device):
-        ``{"pooler": [per-image tensors], ...}``. Level 'projector': the projector's output."""
+        """Features of (merged) image sets as the model computes them (no grad; inputs on the model's device):
+        ``{"pooler": [one tensor per image], ...}``. Level 'projector': the projector's output."""
         out = self.base_model().model.get_image_features(**tensors, return_dict=True)
         return {"pooler": [f.detach() for f in out.pooler_output]}
 
