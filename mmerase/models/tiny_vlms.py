@@ -1,7 +1,7 @@
 """Tiny LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL checkpoints built from configs (no download).
 
 Each has a 2-layer vision encoder (32-d, 4-px patches), the family's projector, a 2-layer 64-d language model and
-the byte-level tokenizer of :mod:`.tokenizer`, 130–180 thousand parameters in all. The image processors are the
+the byte-level tokenizer of :mod:`.tokenizer`, 150–200 thousand parameters in all. The image processors are the
 families' own (PIL backends): LLaVA-NeXT / OneVision tile an image into 16-px crops on a grid chosen from
 16/32/48-px pinpoints, Qwen-VL resizes it to a multiple of 8 px (4-px patches merged 2×2) between 16×16 and 64×64
 pixels, so images of 28–56 px give different numbers of vision tokens. A preset is written with
