@@ -1,14 +1,17 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dynamic resolution, M-RoPE, merged 2×2 patches; Qwen3-VL's deepstack
 features) on their tiny presets: see :mod:`vlm_family` for the checks."""
 
+import json
+
 import pytest
 from vlm_family import FamilyChecks, digit
 
+from mmerase.cli import main
 from mmerase.data import DataError, Sample
 
 
 class QwenChecks(FamilyChecks):
-    def test_image_the_processor_cannot_take_names_sample_and_file(self, bundle64, tmp_path):
+    def test_image_the_processor_cannot_take_names_sample_and_file(self, base_dir, bundle64, tmp_path, capsys):
         """Qwen-VL's resize refuses aspect ratios above 200: a one-line DataError with the sample id and file."""
         path = tmp_path / "strip.png"
         digit(1, (250, 1)).save(path)
@@ -18,6 +21,14 @@ class QwenChecks(FamilyChecks):
         msg = str(err.value)
         assert msg.startswith(f"sample 's7': image {path} (250×1) cannot be taken by the {self.family} image "
                               "processor: ") and "aspect ratio" in msg and "\n" not in msg
+        data = tmp_path / "d.json"  # through the command line: one line, exit 2, nothing written
+        data.write_text(json.dumps([{"id": "s7", "image": "strip.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "x"}]}]))
+        code = main(["finetune", "--base", str(base_dir), "--data", str(data), "--out", str(tmp_path / "ad"),
+                     "--epochs", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith("mmerase finetune: error: sample 's7': image ") and str(path) in err
+        assert "\n" not in err and not (tmp_path / "ad").exists()
 
     def test_positions_are_m_rope_from_the_image_grid(self, bundle64, samples):
         """The batch carries no 1-D position ids: the model derives (time, height, width) positions from

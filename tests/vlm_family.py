@@ -146,6 +146,7 @@ class FamilyChecks:
         assert extra and all("modules_to_save" in n for n in extra)
         vision_frozen, projector_frozen = bundle64.vision_frozen()
         assert vision_frozen and not projector_frozen
+        assert bundle64.feature_cache() is None  # documented: only LLaVA-1.5 caches under a trainable projector
         saved = load_file(bundle64.save_adapter(tmp_path / "ad") / "adapter_model.safetensors")
         assert any("lora_" not in k for k in saved)  # the projector travels with the adapter
         again = load_model(base_dir, adapter=tmp_path / "ad", options=F64)
