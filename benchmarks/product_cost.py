@@ -1,4 +1,4 @@
-"""Cost of one curvature-vector product against one gradient (issue 9, item 1), on LLaVA-style LoRA adapters.
+"""Cost of one curvature-vector product against one gradient, on LoRA adapters of each vision-language family.
 
 For each model: one gradient of the mean training loss (``InfluenceEngine.mean_gradient``) and one product
 (``InfluenceEngine.product``, exactly what a solve calls once per CG step) over the same samples, with each
@@ -10,6 +10,10 @@ Models (random base weights and a randomly perturbed LoRA r=8 adapter on the lan
 does not depend on the values):
 - ``tiny-llava``: the preset (vision 64-d × 2 layers, LM 128-d × 2 layers; 16×16 images, 16 patches).
 - ``llava-512``: the same layout built here from a config: vision tower 256-d × 4 layers, LM 512-d × 4 layers.
+- ``--families``: the tiny presets of the other families (``tiny-llava-next``, ``tiny-llava-onevision``,
+  ``tiny-qwen2-vl``, ``tiny-qwen2.5-vl``, ``tiny-qwen3-vl``; vision 32-d × 2 layers, LM 64-d × 2 layers) on digit
+  images of six sizes from 28 to 56 px, so the vision tokens per image vary as they do with real images; written to
+  ``product_cost_families.{json,md}``.
 
 Time: the minimum over ``--reps`` rounds (after a warm-up; the operations interleaved round by round) of the CPU
 seconds (``time.process_time``; one torch thread, so this is the work done, which other processes on a shared
@@ -21,6 +25,7 @@ re-executing the script) so that freed tensors leave the resident set at once in
 the figure is then close to the peak of live tensors the call adds. tracemalloc sees none of torch's memory.
 
     python benchmarks/product_cost.py                 # writes benchmarks/product_cost.{json,md}
+    python benchmarks/product_cost.py --families      # writes benchmarks/product_cost_families.{json,md}
     python benchmarks/product_cost.py --smoke --out /tmp/pc
 """
 
@@ -37,12 +42,12 @@ from typing import Any
 import torch
 
 from mmerase import InfluenceEngine
-from mmerase.data import digit_samples
+from mmerase.data import DIGIT_QUESTION, DIGIT_WORDS, Sample, digit_images, digit_samples
 from mmerase.influence import vectors as V
 from mmerase.influence.curvature import make_curvature
 from mmerase.memory import PeakMemory
 from mmerase.models import LoadOptions, LoraSettings, load_model
-from mmerase.models.presets import HEAD_SCALE, build_preset
+from mmerase.models.presets import HEAD_SCALE, PRESETS, build_preset
 from mmerase.record import machine, versions, write_json
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -50,6 +55,9 @@ MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 OPS = [("gradient", None, None), ("exact HVP", "hessian", "autograd"), ("FD-HVP", "fd-hessian", "autograd"),
        ("GGN (autograd J·v)", "ggn", "autograd"), ("GGN (fd J·v)", "ggn", "fd")]
 BAR_HVP = 2.5
+#: the families measured by ``--families`` (their tiny presets) and the image sizes (width, height) they see
+FAMILY_PRESETS = tuple(p for p in PRESETS if p not in ("tiny-llava", "tiny-llama"))
+FAMILY_SIZES = [(28, 28), (56, 28), (28, 48), (40, 40), (36, 56), (48, 32)]
 
 
 def build_large_llava(folder: Path, seed: int = 0, smoke: bool = False) -> Path:
@@ -75,6 +83,15 @@ def build_large_llava(folder: Path, seed: int = 0, smoke: bool = False) -> Path:
     model.generation_config = GenerationConfig.from_pretrained(folder)
     model.save_pretrained(folder)
     return folder
+
+
+def sized_digit_samples(n: int) -> list[Sample]:
+    """Digit samples whose images cycle through :data:`FAMILY_SIZES` (nearest-neighbour resized)."""
+    images, labels = digit_images(16, n)
+    return [Sample(id=f"digit-{i}", image=img.resize(FAMILY_SIZES[i % len(FAMILY_SIZES)]),
+                   conversations=[{"from": "human", "value": DIGIT_QUESTION},
+                                  {"from": "gpt", "value": DIGIT_WORDS[labels[i]]}])
+            for i, img in enumerate(images)]
 
 
 def _perturb_adapter(params: list[torch.Tensor], seed: int) -> None:
@@ -123,10 +140,21 @@ def measure(engines: dict[str, InfluenceEngine], v: V.Vec, batch_size: int, reps
     return rows, results
 
 
-def bench_model(name: str, base: Path, n: int, batch_size: int, reps: int, seed: int) -> dict[str, Any]:
+def _dims(config: Any) -> dict[str, Any]:
+    """Width, MLP width, depth and heads of a vision or text config (Qwen-VL vision configs name them apart)."""
+    width = getattr(config, "embed_dim", None) or config.hidden_size
+    mlp = getattr(config, "intermediate_size", None) or width * getattr(config, "mlp_ratio", 0)
+    return {"hidden_size": width, "intermediate_size": mlp, "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads}
+
+
+def bench_model(name: str, base: Path, n: int, batch_size: int, reps: int, seed: int,
+                sized: bool = False) -> dict[str, Any]:
+    """One model's table: each op recomputing image features and with the feature cache. ``sized``: images of
+    :data:`FAMILY_SIZES` instead of the 16×16 digits."""
     bundle = load_model(base, lora=LoraSettings(r=8, alpha=16.0, seed=seed),
                         options=LoadOptions(device="cpu", exact_hvp=True))
-    samples = digit_samples(list(range(n)))
+    samples = sized_digit_samples(n) if sized else digit_samples(list(range(n)))
     engine0 = InfluenceEngine(bundle.model, bundle.loss_fn, samples, collate_fn=bundle.collate)
     _perturb_adapter(engine0.params, seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -134,14 +162,15 @@ def bench_model(name: str, base: Path, n: int, batch_size: int, reps: int, seed:
     cache = bundle.feature_cache()
     modes = {"recompute": engine0,
              "cached": InfluenceEngine(bundle.model, cache.loss_fn, samples, collate_fn=cache.collate)}
-    info = {"trainable_params": sum(p.numel() for p in engine0.params),
+    lengths = bundle.collate(samples)["attention_mask"].sum(dim=1).tolist()
+    image_tokens = [t for s in samples for t in bundle.image_set(s).tokens]
+    config = bundle.base_model().config
+    info = {"family": bundle.family, "trainable_params": sum(p.numel() for p in engine0.params),
             "total_params": sum(p.numel() for p in bundle.model.parameters()),
-            "samples": n, "batch_size": batch_size, "tokens_per_sample": int(bundle.collate(samples[:1])
-                                                                              ["input_ids"].shape[1]),
-            "config": {k: getattr(bundle.model.config, k).to_dict() for k in ("vision_config", "text_config")}}
-    for k in ("vision_config", "text_config"):
-        info["config"][k] = {key: info["config"][k][key] for key in ("hidden_size", "intermediate_size",
-                                                                     "num_hidden_layers", "num_attention_heads")}
+            "samples": n, "batch_size": batch_size, "tokens_per_sample": int(lengths[0]),
+            "tokens_per_sample_range": [int(min(lengths)), int(max(lengths))],
+            "image_tokens_range": [min(image_tokens), max(image_tokens)],
+            "config": {k: _dims(getattr(config, k)) for k in ("vision_config", "text_config")}}
     rows, results = measure(modes, v, batch_size, reps)
     for label, row in rows.items():
         for mode in modes:
@@ -161,20 +190,32 @@ def _rel(a: V.Vec, b: V.Vec) -> float:
     return float((V.flatten(a) - V.flatten(b)).norm() / V.flatten(b).norm())
 
 
+def models_to_run(args: argparse.Namespace, work: Path) -> list[tuple[str, Path, int, bool]]:
+    """(name, base folder, samples, sized images) of each model this run measures (bases built on first use)."""
+    if args.families:
+        return [(name, _preset(work, name, args.seed), args.samples, True) for name in FAMILY_PRESETS]
+    large = build_large_llava(work / ("llava-smoke" if args.smoke else "llava-512"), args.seed, args.smoke)
+    return [("tiny-llava", _preset(work, "tiny-llava", args.seed), args.samples, False),
+            ("llava-512", large, args.large_samples, False)]
+
+
+def _preset(work: Path, name: str, seed: int) -> Path:
+    folder = work / name
+    if not (folder / "config.json").is_file():
+        build_preset(name, folder, seed=seed)
+    return folder
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    tiny = work / "tiny-llava"
-    if not (tiny / "config.json").is_file():
-        build_preset("tiny-llava", tiny, seed=args.seed)
-    large = build_large_llava(work / ("llava-smoke" if args.smoke else "llava-512"), args.seed, args.smoke)
     report: dict[str, Any] = {"config": vars(args), "machine": machine(), "versions": versions(),
                               "load_avg_start": os.getloadavg(), "threads": torch.get_num_threads(),
                               "malloc_mmap_threshold": os.environ.get(MMAP_ENV), "models": {},
                               "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-    for name, base, n in (("tiny-llava", tiny, args.samples), ("llava-512", large, args.large_samples)):
-        report["models"][name] = bench_model(name, base, n, args.batch_size, args.reps, args.seed)
+    for name, base, n, sized in models_to_run(args, work):
+        report["models"][name] = bench_model(name, base, n, args.batch_size, args.reps, args.seed, sized)
     report["load_avg_end"] = os.getloadavg()
     hvp = {m: r["rows"]["exact HVP"]["recompute"]["x_gradient_cpu"] for m, r in report["models"].items()}
     wall = {m: r["rows"]["exact HVP"]["recompute"]["x_gradient_wall"] for m, r in report["models"].items()}
@@ -197,9 +238,19 @@ def _f(x: float, nd: int = 2) -> str:
     return f"{x:.{nd}f}" if abs(x) >= 10 ** -nd or x == 0 else f"{x:.1e}"
 
 
+def _tokens(info: dict[str, Any]) -> str:
+    lo, hi = info.get("tokens_per_sample_range", [info["tokens_per_sample"]] * 2)
+    if lo == hi:
+        return f"{lo} tokens"
+    images = info["image_tokens_range"]
+    return f"{lo}–{hi} tokens ({images[0]}–{images[1]} vision tokens per image of 28–56 px)"
+
+
 def markdown(rep: dict[str, Any]) -> str:
     m, ver = rep["machine"], rep["versions"]
-    lines = ["# Product cost: one curvature product against one gradient (issue 9)", "",
+    title = ("one product against one gradient, per vision-language family" if rep["config"].get("families")
+             else "one curvature product against one gradient (issue 9)")
+    lines = [f"# Product cost: {title}", "",
              f"Machine: {m['cpu']} ({m['cores']} cores, shared; one torch thread; load average "
              f"{rep['load_avg_start'][0]:.1f} at start, {rep['load_avg_end'][0]:.1f} at end), torch {ver['torch']}, "
              f"transformers {ver['transformers']}, peft {ver['peft']}; seed {rep['config']['seed']}; {rep['date']}.",
@@ -213,8 +264,8 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += [f"## {name}", "",
                   f"Vision {vc['hidden_size']}-d × {vc['num_hidden_layers']} layers, LM {tc['hidden_size']}-d × "
                   f"{tc['num_hidden_layers']} layers ({i['total_params']:,} parameters), LoRA r=8 on the LM "
-                  f"({i['trainable_params']:,} trainable); {i['samples']} digit samples of {i['tokens_per_sample']} "
-                  f"tokens, batch {i['batch_size']}; float32, eager attention.", "",
+                  f"({i['trainable_params']:,} trainable); {i['samples']} digit samples of {_tokens(i)}, "
+                  f"batch {i['batch_size']}; float32, eager attention.", "",
                   "| pass | CPU s | × gradient | peak MiB | CPU s, feature cache | × gradient | peak MiB | "
                   "cache speed-up | rel. error |", "|---|---|---|---|---|---|---|---|---|"]
         for label, row in r["rows"].items():
@@ -244,13 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", action="store_true",
+                   help="the tiny presets of LLaVA-NeXT, LLaVA-OneVision and Qwen2/2.5/3-VL instead (images of "
+                        "28–56 px); writes product_cost_families.{json,md}")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI)")
     args = p.parse_args(argv)
     if args.smoke:
         args.samples, args.large_samples, args.batch_size, args.reps = 8, 4, 4, 1
         args.work = args.work + "-smoke"
     report = run(args)
-    write_report(args.out, "product_cost", report, markdown(report))
+    write_report(args.out, "product_cost_families" if args.families else "product_cost", report, markdown(report))
     return 0
 
 

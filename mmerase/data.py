@@ -1,13 +1,20 @@
-"""Training data in the LLaVA conversation format.
+"""Training data: the LLaVA conversation format and the role/content ``messages`` format.
 
-A dataset is a JSON list or a JSONL file of records::
+A dataset is a JSON list or a JSONL file of records, in either form::
 
     {"id": "17", "image": "images/17.png",
      "conversations": [{"from": "human", "value": "<image>\\nWhat digit is this?"},
                        {"from": "gpt", "value": "seven"}]}
 
-``image`` is optional (text-only samples) and resolves against the dataset file's folder. Every problem is a
-:class:`DataError` whose message names the file, the record and the field, so a user can fix the data.
+    {"id": "18", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
+                                     {"type": "text", "text": "Which is larger?"}]},
+        {"role": "assistant", "content": "the second"}]}
+
+``image`` is optional (text-only samples), may be a list (several images, one ``<image>`` placeholder each, in
+order) and resolves against the dataset file's folder. A ``messages`` record becomes the same :class:`Sample` as
+the equivalent conversation (image parts become ``<image>`` placeholders). Every problem is a :class:`DataError`
+whose message names the file, the record and the field, so a user can fix the data.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from PIL import Image
 
@@ -31,23 +38,39 @@ class DataError(ValueError):
     """Bad training or edit data; the message names the file, record and field."""
 
 
+ImageRef = Union[Path, Image.Image]
+
+
 @dataclass
 class Sample:
-    """One training sample: a conversation and at most one image.
+    """One training sample: a conversation and its images (none, one, or several).
 
-    ``conversations`` keeps the LLaVA form (``{"from": ..., "value": ...}``). The image is given either as a path
-    (``image_path``, already resolved) or as a loaded PIL image (``image``, e.g. an edit's new image); when both are
-    set the loaded image wins.
+    ``conversations`` keeps the LLaVA form (``{"from": ..., "value": ...}``), one ``<image>`` placeholder per image
+    in the order of the images. The first image is given either as a path (``image_path``, already resolved) or as
+    a loaded PIL image (``image``, e.g. an edit's new image); when both are set the loaded image wins. Further images
+    of a multi-image sample are ``extra_images`` (paths or PIL images, in placeholder order).
     """
 
     id: str
     conversations: list[dict[str, str]]
     image_path: Path | None = None
     image: Image.Image | None = field(default=None, repr=False)
+    extra_images: tuple[ImageRef, ...] = field(default=(), repr=False)
 
     @property
     def has_image(self) -> bool:
-        return self.image is not None or self.image_path is not None
+        return self.image is not None or self.image_path is not None or bool(self.extra_images)
+
+    @property
+    def image_count(self) -> int:
+        """How many images the sample has (= ``<image>`` placeholders in its conversation)."""
+        return int(self.image is not None or self.image_path is not None) + len(self.extra_images)
+
+    @property
+    def image_refs(self) -> list[ImageRef]:
+        """The images in placeholder order, each a path or a PIL image."""
+        first = self.image if self.image is not None else self.image_path
+        return ([] if first is None else [first]) + list(self.extra_images)
 
     @property
     def messages(self) -> list[tuple[str, str]]:
@@ -65,31 +88,52 @@ class Sample:
         return [text for role, text in self.messages if role == "assistant"][-1]
 
     def load_image(self) -> Image.Image | None:
-        """The sample's image as RGB, or ``None`` for a text-only sample."""
-        if self.image is not None:
-            return self.image.convert("RGB")
-        if self.image_path is None:
-            return None
-        return _open_image(self.image_path, where=f"sample '{self.id}': field 'image'")
+        """The sample's (first) image as RGB, or ``None`` for a text-only sample."""
+        images = self.load_images()
+        return images[0] if images else None
+
+    def load_images(self) -> list[Image.Image]:
+        """All the sample's images as RGB, in placeholder order."""
+        return [load_image_ref(ref, f"sample '{self.id}': field 'image'") for ref in self.image_refs]
 
     def to_record(self, root: str | Path | None = None) -> dict[str, Any]:
-        """The LLaVA-format record (image path relative to ``root`` when it lies below it).
-
-        A sample whose image exists only in memory cannot be written as a record; save the image first.
-        """
+        """The LLaVA-format record (image paths relative to ``root`` when they lie below it; a list when the
+        sample has several images). A sample whose image exists only in memory cannot be written as a record; save
+        the image first."""
         record: dict[str, Any] = {"id": self.id}
-        if self.image is not None and self.image_path is None:
+        if self.image is not None and self.image_path is None or any(
+                isinstance(r, Image.Image) for r in self.extra_images):
             raise DataError(f"sample '{self.id}': its image exists only in memory; save it to a file to write a record")
-        if self.image_path is not None:
-            path = Path(self.image_path)
-            if root is not None:
-                try:
-                    path = path.resolve().relative_to(Path(root).resolve())
-                except ValueError:
-                    pass
-            record["image"] = path.as_posix()
+        paths = [self.image_path] if self.image_path is not None else []
+        paths += [Path(r) for r in self.extra_images]
+        rel = [_relative(p, root) for p in paths]
+        if rel:
+            record["image"] = rel[0] if len(rel) == 1 else rel
         record["conversations"] = [dict(turn) for turn in self.conversations]
         return record
+
+
+def _relative(path: Path, root: str | Path | None) -> str:
+    path = Path(path)
+    if root is not None:
+        try:
+            path = path.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+def load_image_ref(ref: ImageRef, where: str) -> Image.Image:
+    """An image reference (path or PIL image) as an RGB PIL image; a :class:`DataError` naming ``where`` and the
+    file if it cannot be read."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    return _open_image(Path(ref), where)
+
+
+def image_name(ref: ImageRef) -> str:
+    """How an image is named in messages: its file path, or ``<in-memory image>``."""
+    return "<in-memory image>" if isinstance(ref, Image.Image) else str(ref)
 
 
 def _open_image(path: Path, where: str) -> Image.Image:
@@ -114,8 +158,9 @@ def _check_image_file(path: Path, where: str) -> None:
         raise DataError(f"{where}: cannot read image {path}: {exc}") from exc
 
 
-def validate_conversations(conversations: Any, has_image: bool, where: str) -> list[dict[str, str]]:
-    """Check a LLaVA ``conversations`` list and return a clean copy; ``where`` prefixes error messages."""
+def validate_conversations(conversations: Any, n_images: int | bool, where: str) -> list[dict[str, str]]:
+    """Check a LLaVA ``conversations`` list for a sample with ``n_images`` images and return a clean copy; ``where``
+    prefixes error messages."""
     if conversations is None:
         raise DataError(f"{where}: missing field 'conversations'")
     if not isinstance(conversations, list) or not conversations:
@@ -140,19 +185,85 @@ def validate_conversations(conversations: Any, has_image: bool, where: str) -> l
         clean.append({"from": role, "value": value})
     if not any(ROLE_ALIASES[turn["from"]] == "assistant" for turn in clean):
         raise DataError(f"{where}: field 'conversations' has no assistant ('gpt') turn to train on")
-    if has_image and n_placeholders == 0:
-        raise DataError(f"{where}: field 'image' is set but no turn contains the {IMAGE_PLACEHOLDER} placeholder")
-    if not has_image and n_placeholders:
-        raise DataError(f"{where}: field 'conversations' contains {IMAGE_PLACEHOLDER} but the record has no 'image'")
-    if n_placeholders > 1:
-        raise DataError(f"{where}: field 'conversations' contains {n_placeholders} {IMAGE_PLACEHOLDER} "
-                        "placeholders; one image per sample is supported")
+    _check_placeholders(n_placeholders, int(n_images), where)
     return clean
+
+
+def _check_placeholders(n_placeholders: int, n_images: int, where: str) -> None:
+    if n_images and n_placeholders == 0:
+        raise DataError(f"{where}: field 'image' is set but no turn contains the {IMAGE_PLACEHOLDER} placeholder")
+    if not n_images and n_placeholders:
+        raise DataError(f"{where}: field 'conversations' contains {IMAGE_PLACEHOLDER} but the record has no 'image'")
+    if n_placeholders != n_images:
+        raise DataError(f"{where}: field 'conversations' contains {n_placeholders} {IMAGE_PLACEHOLDER} "
+                        f"placeholder(s) for {n_images} image(s); give one placeholder per image, in order")
+
+
+def _part_text(part: Any, where: str, root: str | Path, images: list[Path], check: bool) -> str:
+    """One ``messages`` content part as conversation text (an image part adds its file to ``images``)."""
+    if not isinstance(part, Mapping) or part.get("type") not in ("text", "image"):
+        raise DataError(f"{where}: expected an object with 'type' 'text' or 'image'")
+    if part["type"] == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{where}.text: must be a string")
+        if IMAGE_PLACEHOLDER in text:
+            raise DataError(f"{where}.text contains {IMAGE_PLACEHOLDER}; give each image as an image part")
+        return text
+    ref = part.get("image", part.get("path"))
+    if not isinstance(ref, str) or not ref:
+        raise DataError(f"{where}: an image part needs 'image': a file path (string)")
+    path = Path(root) / ref
+    if check:
+        _check_image_file(path, where)
+    images.append(path)
+    return IMAGE_PLACEHOLDER
+
+
+def conversations_from_messages(messages: Any, root: str | Path, where: str, check_images: bool = True,
+                                ) -> tuple[list[dict[str, str]], list[Path]]:
+    """A ``messages`` list (``role`` + ``content``: a string or text / image parts) → LLaVA turns and the image
+    files in order. Parts of one turn are joined by newlines, an image part becoming ``<image>``."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of turns")
+    turns: list[dict[str, str]] = []
+    images: list[Path] = []
+    for t, msg in enumerate(messages):
+        here = f"{where}: field 'messages[{t}]"
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise DataError(f"{here}' must be an object with 'role' and 'content'")
+        if msg["role"] not in ROLE_ALIASES:
+            raise DataError(f"{here}.role' is {msg['role']!r}; expected one of {sorted(ROLE_ALIASES)}")
+        content = msg["content"]
+        if isinstance(content, str):
+            value = content
+        elif isinstance(content, list) and content:
+            value = "\n".join(_part_text(p, f"{here}.content[{j}]'", root, images, check_images)
+                              for j, p in enumerate(content))
+        else:
+            raise DataError(f"{here}.content' must be a string or a non-empty list of parts")
+        turns.append({"from": msg["role"], "value": value})
+    return turns, images
+
+
+def _record_images(record: Mapping, where: str, root: str | Path, check: bool) -> list[Path]:
+    image = record.get("image")
+    if image is None:
+        return []
+    refs = image if isinstance(image, list) else [image]
+    if not refs or not all(isinstance(r, str) and r for r in refs):
+        raise DataError(f"{where}: field 'image' must be a file path (string) or a list of them")
+    paths = [Path(root) / r for r in refs]
+    if check:
+        for k, p in enumerate(paths):
+            _check_image_file(p, f"{where}: field 'image'" + (f"[{k}]" if isinstance(image, list) else ""))
+    return paths
 
 
 def sample_from_record(record: Any, root: str | Path, *, source: str = "<record>", index: int | None = None,
                        label: str | None = None, check_image: bool = True) -> Sample:
-    """Validate one LLaVA record and build a :class:`Sample` (image resolved against ``root``).
+    """Validate one record (``conversations`` or ``messages`` form) and build a :class:`Sample` (images resolved
+    against ``root``).
 
     Also what an ``add`` edit uses to turn its inline sample into a :class:`Sample`. ``index`` is the record's
     default id; ``label`` says where it is in messages (default ``record <index>``).
@@ -167,16 +278,16 @@ def sample_from_record(record: Any, root: str | Path, *, source: str = "<record>
         raise DataError(f"{source}: {label}: field 'id' must be a string or an integer")
     sid = str(sid)
     where = f"{source}: {label} (id '{sid}')"
-    image = record.get("image")
-    image_path = None
-    if image is not None:
-        if not isinstance(image, str) or not image:
-            raise DataError(f"{where}: field 'image' must be a file path (string)")
-        image_path = Path(root) / image
-        if check_image:
-            _check_image_file(image_path, f"{where}: field 'image'")
-    conversations = validate_conversations(record.get("conversations"), image_path is not None, where)
-    return Sample(id=sid, conversations=conversations, image_path=image_path)
+    if "messages" in record:
+        if "conversations" in record or "image" in record:
+            raise DataError(f"{where}: a 'messages' record gives its images as image parts and has no "
+                            "'conversations' or 'image' field")
+        turns, paths = conversations_from_messages(record["messages"], root, where, check_image)
+    else:
+        turns, paths = record.get("conversations"), _record_images(record, where, root, check_image)
+    conversations = validate_conversations(turns, len(paths), where)
+    return Sample(id=sid, conversations=conversations, image_path=paths[0] if paths else None,
+                  extra_images=tuple(paths[1:]))
 
 
 def _read_records(path: Path) -> tuple[list[tuple[int, Any]], bool]:
@@ -267,14 +378,14 @@ def get_sample(samples: Sequence[Sample] | Mapping[str, Sample], sample_id: str 
 
 
 def modify_sample(sample: Sample, *, query: str | None = None, response: str | None = None,
-                  image: str | Path | Image.Image | None = None, root: str | Path | None = None,
+                  image: ImageArg | Sequence[ImageArg] | None = None, root: str | Path | None = None,
                   query_turn: int = 0, response_turn: int = -1, new_id: str | None = None) -> Sample:
-    """A copy of ``sample`` with a new query text, response text and/or image (the edited z_new of an edit).
+    """A copy of ``sample`` with a new query text, response text and/or image(s) (the edited z_new of an edit).
 
     ``query`` replaces the user turn number ``query_turn`` (default: the first), ``response`` the assistant turn
     number ``response_turn`` (default: the last). ``image`` is a path (relative paths resolve against ``root``) or a
-    PIL image. The result is validated like a loaded record: e.g. a new query must keep the ``<image>`` placeholder
-    when the sample has an image.
+    PIL image, replacing the sample's image; a list replaces all of a multi-image sample's images. The result is
+    validated like a loaded record: e.g. a new query must keep one ``<image>`` placeholder per image.
     """
     conversations = [dict(turn) for turn in sample.conversations]
     where = f"edit of sample '{sample.id}'"
@@ -290,17 +401,33 @@ def modify_sample(sample: Sample, *, query: str | None = None, response: str | N
         conversations[_turn_index("user", query_turn, "query")]["value"] = query
     if response is not None:
         conversations[_turn_index("assistant", response_turn, "response")]["value"] = response
-    image_path, image_obj = sample.image_path, sample.image
+    refs: list[ImageRef] = sample.image_refs
+    if image is not None:
+        many = isinstance(image, (list, tuple))
+        if not many and len(refs) > 1:
+            raise DataError(f"{where}: field 'image': the sample has {len(refs)} images; give a list of "
+                            f"{len(refs)} new images")
+        refs = [_new_image(x, root, f"{where}: field 'image'" + (f"[{k}]" if many else ""))
+                for k, x in enumerate(image if many else [image])]
+    conversations = validate_conversations(conversations, len(refs), where)
+    first, rest = (refs[0], tuple(refs[1:])) if refs else (None, ())
+    return dataclasses.replace(
+        sample, id=sample.id if new_id is None else str(new_id), conversations=conversations,
+        image_path=first if isinstance(first, Path) else (sample.image_path if image is None else None),
+        image=first if isinstance(first, Image.Image) else None, extra_images=rest)
+
+
+ImageArg = Union[str, Path, Image.Image]
+
+
+def _new_image(image: ImageArg, root: str | Path | None, where: str) -> ImageRef:
     if isinstance(image, Image.Image):
-        image_path, image_obj = None, image.convert("RGB")
-    elif image is not None:
-        image_path = Path(image) if root is None or Path(image).is_absolute() else Path(root) / image
-        image_obj = None
-        _check_image_file(image_path, f"{where}: field 'image'")
-    has_image = image_path is not None or image_obj is not None
-    conversations = validate_conversations(conversations, has_image, where)
-    return dataclasses.replace(sample, id=sample.id if new_id is None else str(new_id), conversations=conversations,
-                               image_path=image_path, image=image_obj)
+        return image.convert("RGB")
+    if not isinstance(image, (str, Path)):
+        raise DataError(f"{where}: must be a file path or an image")
+    path = Path(image) if root is None or Path(image).is_absolute() else Path(root) / image
+    _check_image_file(path, where)
+    return path
 
 
 # --- real images: scikit-learn's digits -------------------------------------------------------------------------

@@ -103,8 +103,11 @@ def parse_edits(path: str | Path, train: Sequence[Sample]) -> list[EditRequest]:
 
 def _modify(old: Sample, where: str, **changes: Any) -> Sample:
     for key in ("query", "response", "image"):
-        if key in changes and changes[key] is not None and not isinstance(changes[key], str):
-            raise DataError(f"{where}: field '{key}' must be a string")
+        value = changes.get(key)
+        if value is not None and not isinstance(value, str) and not (  # a multi-image sample takes a list
+                key == "image" and isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise DataError(f"{where}: field '{key}' must be a string" + (" or a list of strings" if key == "image"
+                                                                          else ""))
     try:
         return modify_sample(old, **changes)
     except DataError as e:

@@ -31,7 +31,8 @@ from .training import TrainConfig, finetune
 
 RECORD_NAME = "mmerase_record.json"
 
-BASE_HELP = "base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama)"
+BASE_HELP = ("base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama, tiny-llava-next, "
+             "tiny-llava-onevision, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl)")
 
 
 @dataclass

@@ -158,3 +158,71 @@ def test_write_digits_dataset_loads_back(tmp_path):
     samples = load_dataset(path)
     assert [s.response for s in samples] == ["zero", "one", "two"]
     assert np.array_equal(np.asarray(samples[1].load_image()), np.asarray(digit_images(16, 2)[0][1]))
+
+
+# ---- the messages form and several images per sample ------------------------------------------------------------
+
+def _msg(i, parts, answer="red", system=None):
+    turns = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": parts}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return {"id": str(i), "messages": turns}
+
+
+def test_messages_records_and_image_lists_load_as_samples(folder):
+    records = [_msg(1, [{"type": "image", "image": "img/a.png"}, {"type": "text", "text": "What is it?"}],
+                    system="Be brief."),
+               _msg(2, [{"type": "text", "text": "Compare"}, {"type": "image", "image": "img/a.png"},
+                        {"type": "image", "path": "img/b.png"}, {"type": "text", "text": "which is bluer?"}]),
+               {"id": "3", "image": ["img/b.png", "img/a.png"], "conversations": [
+                   {"from": "human", "value": "<image>\n<image>\nSame?"}, {"from": "gpt", "value": "no"}]},
+               {"id": "4", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    (folder / "d.json").write_text(json.dumps(records))
+    s1, s2, s3, s4 = load_dataset(folder / "d.json")
+    assert s1.messages == [("system", "Be brief."), ("user", "<image>\nWhat is it?"), ("assistant", "red")]
+    assert s1.image_refs == [folder / "img" / "a.png"] and s1.image_count == 1
+    assert s2.query == "Compare\n<image>\n<image>\nwhich is bluer?"
+    assert s2.image_refs == [folder / "img" / "a.png", folder / "img" / "b.png"]
+    assert [im.getpixel((0, 0)) for im in s2.load_images()] == [(255, 0, 0), (0, 0, 255)]
+    assert s3.image_refs == [folder / "img" / "b.png", folder / "img" / "a.png"] and s3.image_count == 2
+    assert s4.image_count == 0 and not s4.has_image and s4.response == "yo"
+    again = load_dataset(save_dataset([s1, s2, s3, s4], folder / "copy.jsonl"))
+    assert [(s.conversations, s.image_refs) for s in again] == [(s.conversations, s.image_refs)
+                                                                for s in (s1, s2, s3, s4)]
+    assert json.loads((folder / "copy.jsonl").read_text().splitlines()[1])["image"] == ["img/a.png", "img/b.png"]
+
+
+@pytest.mark.parametrize("record, expected", [
+    (_msg(7, [{"type": "video", "video": "v.mp4"}]),
+     "record 0 (id '7'): field 'messages[0].content[0]': expected an object with 'type' 'text' or 'image'"),
+    (_msg(7, [{"type": "image"}]), "field 'messages[0].content[0]': an image part needs 'image': a file path"),
+    (_msg(7, [{"type": "text", "text": "<image> what?"}]),
+     "field 'messages[0].content[0]'.text contains <image>; give each image as an image part"),
+    (_msg(7, [{"type": "image", "image": "img/missing.png"}]),
+     "field 'messages[0].content[0]': image file not found: "),
+    ({"id": "7", "messages": [{"role": "bot", "content": "x"}]}, "field 'messages[0].role' is 'bot'"),
+    ({"id": "7", "messages": [{"role": "user"}]}, "field 'messages[0]' must be an object with 'role' and 'content'"),
+    ({**_msg(7, "hi"), "image": "img/a.png"}, "a 'messages' record gives its images as image parts"),
+    (_rec(7, ["img/a.png", "img/b.png"]),
+     "field 'conversations' contains 1 <image> placeholder(s) for 2 image(s); give one placeholder per image"),
+    (_rec(7, ["img/a.png", "img/missing.png"], q="<image><image>"), "field 'image'[1]: image file not found: "),
+    (_rec(7, []), "field 'image' must be a file path (string) or a list of them"),
+])
+def test_invalid_messages_and_image_lists_name_the_field(folder, record, expected):
+    (folder / "d.json").write_text(json.dumps([record]))
+    with pytest.raises(DataError) as err:
+        load_dataset(folder / "d.json")
+    assert str(err.value).startswith(str(folder / "d.json") + ": ") and expected in str(err.value)
+
+
+def test_modify_sample_replaces_the_images_of_a_multi_image_sample(folder):
+    (folder / "d.json").write_text(json.dumps([_rec(1, ["img/a.png", "img/b.png"], q="<image><image>Same?")]))
+    old = load_dataset(folder / "d.json")[0]
+    pil = Image.new("RGB", (20, 30), (0, 255, 0))
+    new = modify_sample(old, image=[pil, "img/a.png"], root=folder)
+    assert new.image_count == 2 and new.load_images()[0].size == (20, 30) and new.image_refs[1] == folder / "img/a.png"
+    assert old.image_refs == [folder / "img" / "a.png", folder / "img" / "b.png"]
+    with pytest.raises(DataError, match=r"edit of sample '1': field 'image': the sample has 2 images; give a list of "
+                                        r"2 new images"):
+        modify_sample(old, image=pil)
+    with pytest.raises(DataError, match=r"contains 2 <image> placeholder\(s\) for 1 image\(s\)"):
+        modify_sample(old, image=[pil])

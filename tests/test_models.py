@@ -2,6 +2,7 @@
 adapters (round trip and mismatch errors), generation, NF4, and the influence engine on both families."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -92,6 +93,24 @@ def test_load_errors_are_actionable(tiny_llava_dir, tmp_path):
         load_model(tmp_path)
     with pytest.raises(ModelLoadError, match="nf4 quantization computes in float32/bfloat16"):
         load_model(tiny_llava_dir, options=LoadOptions(dtype="float64", quantization="nf4"))
+
+
+def test_unsupported_model_type_lists_what_is_served(tmp_path, capsys):
+    from transformers import CLIPConfig
+
+    from mmerase.cli import main
+
+    CLIPConfig().save_pretrained(tmp_path / "clip")
+    served = ("mmerase serves llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl and text causal LMs "
+              "(AutoModelForCausalLM)")
+    with pytest.raises(ModelLoadError, match=rf"^unsupported model_type 'clip': {re.escape(served)}$"):
+        load_model(tmp_path / "clip")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "1", "conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}) + "\n")
+    code = main(["generate", "--base", str(tmp_path / "clip"), "--data", str(tmp_path / "d.jsonl"), "--out",
+                 str(tmp_path / "a.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"mmerase generate: error: unsupported model_type 'clip': {served}"
 
 
 # ---- LoRA placement -----------------------------------------------------------------------------------------

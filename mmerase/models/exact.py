@@ -19,11 +19,14 @@ EXACT_ATTENTION = "mmerase_eager"
 
 #: model types whose eager attention is the plain softmax(QKᵀ·scale + mask)·V that :func:`exact_eager_attention`
 #: reproduces (no soft-capping, sinks or sliding windows)
-EXACT_MODEL_TYPES = {"llava", "llama", "mistral", "qwen2", "qwen3", "clip_vision_model", "clip",
-                     "siglip_vision_model", "siglip"}
+EXACT_MODEL_TYPES = {"llava", "llava_next", "llava_onevision", "llama", "mistral", "qwen2", "qwen3",
+                     "clip_vision_model", "clip", "siglip_vision_model", "siglip",
+                     "qwen2_vl", "qwen2_vl_text", "qwen2_vl_vision", "qwen2_5_vl", "qwen2_5_vl_text",
+                     "qwen2_5_vl_vision", "qwen3_vl", "qwen3_vl_text", "qwen3_vl_vision"}
 
 #: RMSNorm classes with Llama's formula ``weight * x / sqrt(mean(x²) + eps)``
-_LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+_LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen2VLRMSNorm",
+                      "Qwen2_5_VLRMSNorm", "Qwen3VLTextRMSNorm"}
 
 
 def exact_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -54,7 +57,7 @@ def register_exact_attention() -> str:
 
 
 def model_types(config: Any) -> set[str]:
-    """The model types of a config and its sub-configs (LLaVA: itself, its vision tower and its language model)."""
+    """The model types of a config and its sub-configs (a VLM: itself, its vision encoder and its language model)."""
     types_ = {getattr(config, "model_type", None)}
     for sub in ("text_config", "vision_config"):
         if getattr(config, sub, None) is not None:

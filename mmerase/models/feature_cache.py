@@ -1,19 +1,26 @@
-"""Frozen-feature caching for LLaVA-style models: compute each image's features once, not in every product.
+"""Frozen-feature caching for vision-language models: compute each sample's image features once, not in every product.
 
-With the default LoRA (language model only) the vision tower and the projector are frozen, so an image's features
+With the default LoRA (language model only) the vision encoder and the projector are frozen, so an image's features
 never change while the engine multiplies by the curvature tens of times over the same training images. The cache
-keys features by the exact pixel tensor the collate produced (a digest of its bytes), so a cached batch gives the
-same logits as recomputing the features, whatever the image source. With a trainable projector only the vision
-tower's output is cached and the projector runs, with gradients, inside every forward. A trainable vision tower
-means nothing can be cached (:meth:`LlavaBundle.feature_cache` returns ``None``).
+keys features by the exact tensors the image processor produced for one sample's images (a digest of their bytes,
+sizes and grids), and computes them with the model's own ``get_image_features``, so a cached batch gives the same
+logits as recomputing the features, whatever the image source or batch.
 
-The engine stays model-agnostic: it gets :attr:`FrozenFeatureCache.collate` and :attr:`FrozenFeatureCache.loss_fn`
-in place of the bundle's own.
+Where it is exact, and where nothing is cached:
+
+- every family, vision encoder and projector frozen: the projector's output is cached (level 'projector');
+- LLaVA-1.5 with a trainable projector: the vision tower's output is cached and the projector runs, with gradients,
+  inside every forward (level 'vision');
+- the other families with a trainable projector, and any family with a trainable vision encoder: nothing is cached
+  (``bundle.feature_cache()`` returns ``None``) and products recompute the image features.
+
+Features are fed back through the model's ``mm_encoder_outputs`` argument (transformers ≥ 5); with older versions,
+LLaVA-style models get them scattered into ``inputs_embeds`` instead. The engine stays model-agnostic: it gets
+:attr:`FrozenFeatureCache.collate` and :attr:`FrozenFeatureCache.loss_fn` in place of the bundle's own.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -22,99 +29,94 @@ import torch
 from torch import nn
 
 from mmerase.data import Sample
-from mmerase.models.base import CausalLMTask
+from mmerase.models.task import CausalLMTask
+from mmerase.utils import model_device, move_to
 
 FEATURES_KEY = "image_features"
-
-
-def _digest(pixels: torch.Tensor) -> str:
-    """Exact content key of one image's pixel tensor (shape, dtype and bytes)."""
-    t = pixels.detach().cpu().contiguous()
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update((t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().tobytes())
-    return h.hexdigest()
+LEVELS = ("projector", "vision")
 
 
 class FrozenFeatureCache:
-    """Image features of a LLaVA bundle by pixel content; ``level`` is 'projector' (projector output cached) or
-    'vision' (vision tower output cached, projector recomputed because it trains).
+    """Image features of a vision bundle by content; ``level`` is 'projector' (projector output cached) or 'vision'
+    (vision tower output cached, projector recomputed because it trains; LLaVA-1.5 only).
 
-    Every distinct image seen stays cached on the model's device (images × tokens × width values: 4.7 MB per image
-    for LLaVA-1.5-7B in bf16), so one cache serves one solve or a few; :meth:`clear` frees it.
+    Every distinct image set seen stays cached on the model's device (images × tokens × width values: 4.7 MB per
+    image for LLaVA-1.5-7B in bf16), so one cache serves one solve or a few; :meth:`clear` frees it.
     """
 
     def __init__(self, bundle: Any, level: str) -> None:
-        if level not in ("projector", "vision"):
+        if level not in LEVELS:
             raise ValueError(f"unknown feature cache level {level!r}; use 'projector' or 'vision'")
         self.bundle, self.level = bundle, level
-        self._features: dict[str, torch.Tensor] = {}
+        self._features: dict[str, dict[str, Any]] = {}
+        self._counts: dict[str, int] = {}
         self.hits = self.misses = 0
         self.loss_fn = CachedFeatureTask(bundle.loss_fn, self)
 
-    # ---- the model's parts
-    @property
-    def llava(self) -> nn.Module:
-        """The ``LlavaModel`` (vision tower, projector, language model) inside the peft wrapper."""
-        model = self.bundle.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return base.model
-
     @property
     def n_images(self) -> int:
-        """How many distinct images have features cached."""
-        return len(self._features)
+        """How many images have features cached."""
+        return sum(self._counts.values())
 
     def clear(self) -> None:
         self._features.clear()
+        self._counts.clear()
 
-    # ---- computing and looking up features
     @torch.no_grad()
-    def _compute(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Features of a stack of images, in eval mode (as the engine's products run): [n_images, tokens, dim]."""
-        llava = self.llava
-        parts = (llava.vision_tower, llava.multi_modal_projector)
-        modes = [(m, m.training) for p in parts for m in p.modules()]
-        captured: list[torch.Tensor] = []
-        handle = None
-        if self.level == "vision":  # the projector's input is the vision tower's selected output
-            handle = llava.multi_modal_projector.register_forward_pre_hook(
-                lambda _m, args: captured.append(args[0].detach()))
+    def _compute(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Features of merged image sets, per image, with the vision modules in eval mode (as products run)."""
+        model = self.bundle.base_model()
+        vision, projectors = self.bundle.image_modules()
+        modules = [vision] + projectors
+        modes = [(m, m.training) for part in modules for m in part.modules()]
+        inputs = move_to(tensors, model_device(model))
+        inputs = {k: v.to(self.bundle.compute_dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         try:
-            for p in parts:
-                p.eval()
-            out = llava.get_image_features(pixel_values=pixel_values, return_dict=True)
+            for part in modules:
+                part.eval()
+            return self.bundle.image_features(inputs, self.level)
         finally:
-            if handle is not None:
-                handle.remove()
             for m, t in modes:
                 m.training = t
-        if self.level == "vision":
-            return captured[0]
-        return torch.stack(list(out.pooler_output))
 
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Cached features for each row of ``pixel_values`` (computing the missing ones in one batch)."""
-        keys = [_digest(row) for row in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self._features]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
+    def features(self, sets: Sequence[Any]) -> list[dict[str, Any]]:
+        """Cached features of each image set; the missing ones are computed in one pass of the vision encoder."""
+        keys = [s.digest() for s in sets]
+        missing: dict[str, Any] = {}
+        for key, s in zip(keys, sets):
+            if key in self._features or key in missing:
+                self.hits += s.n_images
+            else:
+                self.misses += s.n_images
+                missing[key] = s
         if missing:
-            device = next(self.llava.parameters()).device
-            pv = pixel_values[missing].to(device)
-            if self.bundle.loss_fn.pixel_dtype is not None:
-                pv = pv.to(self.bundle.loss_fn.pixel_dtype)
-            for i, f in zip(missing, self._compute(pv)):
-                self._features[keys[i]] = f
-        return torch.stack([self._features[k] for k in keys])
+            todo = list(missing.values())
+            merged = self.bundle.merge_tensors([s.tensors for s in todo])
+            feats = self._compute(merged)
+            start = 0
+            for key, s in missing.items():
+                self._features[key] = split_features(feats, start, start + s.n_images)
+                self._counts[key] = s.n_images
+                start += s.n_images
+        return [self._features[k] for k in keys]
 
-    def collate(self, samples: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        """The bundle's batch with ``pixel_values`` replaced by cached ``image_features``."""
-        batch = self.bundle.collate(samples)
-        pixel_values = batch.pop("pixel_values", None)
-        if pixel_values is not None:
-            batch[FEATURES_KEY] = self.features(pixel_values)
+    def collate(self, samples: Sequence[Sample]) -> dict[str, Any]:
+        """The bundle's batch with the pixel tensors replaced by cached image features."""
+        batch, sets = self.bundle.collate_parts(samples)
+        if sets:
+            pixel_keys = set(self.bundle.loss_fn.pixel_keys)
+            batch.update({k: v for k, v in self.bundle.batch_images(sets).items() if k not in pixel_keys})
+            batch[FEATURES_KEY] = self.features(sets)
         return batch
+
+
+def split_features(feats: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """Images ``start:stop`` of per-image features (``pooler``: a list over images; ``deepstack``: a list over
+    layers of lists over images)."""
+    out: dict[str, Any] = {"pooler": list(feats["pooler"][start:stop])}
+    if "deepstack" in feats:
+        out["deepstack"] = [list(layer[start:stop]) for layer in feats["deepstack"]]
+    return out
 
 
 class CachedFeatureTask(CausalLMTask):
@@ -122,34 +124,34 @@ class CachedFeatureTask(CausalLMTask):
     features (through the projector when it trains) instead of pixels."""
 
     def __init__(self, inner: CausalLMTask, cache: FrozenFeatureCache) -> None:
-        super().__init__(pixel_dtype=inner.pixel_dtype)
+        super().__init__(pixel_dtype=inner.pixel_dtype, input_keys=inner.input_keys, pixel_keys=inner.pixel_keys)
         self.inner, self.cache = inner, cache
         self._native: bool | None = None
 
-    def _supports_encoder_outputs(self) -> bool:
+    def supports_encoder_outputs(self) -> bool:
         """transformers ≥ 5 takes precomputed features as ``mm_encoder_outputs``; older ones get inputs_embeds."""
         if self._native is None:
-            self._native = "mm_encoder_outputs" in inspect.signature(self.cache.llava.forward).parameters
+            inner = self.cache.bundle.base_model().model
+            self._native = "mm_encoder_outputs" in inspect.signature(inner.forward).parameters
         return self._native
 
-    def model_inputs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def model_inputs(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         inputs = self.inner.model_inputs(model, {k: v for k, v in batch.items() if k != FEATURES_KEY})
         feats = batch.get(FEATURES_KEY)
         if feats is None:
             return inputs
-        llava = self.cache.llava
-        if self.cache.level == "vision":
-            feats = llava.multi_modal_projector(feats)
-        if self._supports_encoder_outputs():
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+        feats = move_to(feats, model_device(model))
+        fed = self.cache.bundle.features_inputs(feats, self.cache.level)
+        if self.supports_encoder_outputs():
+            inputs.update(fed)
             return inputs
+        inner = self.cache.bundle.base_model().model
+        flat = torch.cat(list(fed["mm_encoder_outputs"]["image"].pooler_output), dim=0)
         ids = inputs.pop("input_ids")
-        embeds = llava.get_input_embeddings()(ids)
-        mask = (ids == llava.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-        inputs["inputs_embeds"] = embeds.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+        embeds = inner.get_input_embeddings()(ids)
+        mask = (ids == self.cache.bundle.image_token_id).unsqueeze(-1).expand_as(embeds)
+        inputs["inputs_embeds"] = embeds.masked_scatter(mask, flat.to(embeds.dtype))
         return inputs
 
 
-__all__ = ["CachedFeatureTask", "FEATURES_KEY", "FrozenFeatureCache"]
+__all__ = ["CachedFeatureTask", "FEATURES_KEY", "FrozenFeatureCache", "LEVELS", "split_features"]

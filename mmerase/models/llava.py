@@ -1,39 +1,54 @@
-"""LLaVA-style vision-language models (``transformers.LlavaForConditionalGeneration``, ``model_type="llava"``).
+"""LLaVA-1.5-style vision-language models (``transformers.LlavaForConditionalGeneration``, ``model_type="llava"``).
 
 In transformers 5 the modules live at ``model.vision_tower``, ``model.multi_modal_projector`` and
-``model.language_model`` (plus ``lm_head``). Image features are computed in ``LlavaModel.get_image_features``
-(vision tower → projector) and scattered into the ``<image>`` token positions; with a frozen projector they do not
-depend on the adapter, so :meth:`LlavaBundle.feature_cache` caches them and passes them back as ``mm_encoder_outputs``.
+``model.language_model`` (plus ``lm_head``). Each image is resized to one fixed size and fills a fixed number of
+``<image>`` positions; features come from ``LlavaModel.get_image_features`` (vision tower → projector). With a
+trainable projector the feature cache keeps the vision tower's output and runs the projector in every forward.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 
-from mmerase.data import IMAGE_PLACEHOLDER, Sample
-from mmerase.models.base import LoadOptions, ModelBundle
+from mmerase.models.loading import LM_TARGETS, FamilySpec, LoadOptions
+from mmerase.models.task import TEXT_INPUTS
+from mmerase.models.vision import VisionBundle
 
-#: LoRA on the language model's projections only: anchored on ``language_model`` so the CLIP vision tower's
-#: ``q_proj``/``k_proj``/``v_proj`` never match.
-LLAVA_LM_TARGETS = r".*language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: LoRA on the language model's projections only (never the CLIP vision tower's q/k/v)
+LLAVA_LM_TARGETS = LM_TARGETS
+#: transformers matches these from the start of the module name (or as a suffix): keep vision + projector full
+LLAVA_QUANT_SKIP = (r".*vision_tower", r".*multi_modal_projector", "lm_head")
 
 
-class LlavaBundle(ModelBundle):
+def _llava_class() -> Any:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def load_full_processor(path: str, options: LoadOptions) -> tuple[Any, Any]:
+    """(tokenizer, processor) through ``AutoProcessor`` (families whose processor needs no torchvision)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, local_files_only=options.local_files_only)
+    return processor.tokenizer, processor
+
+
+class LlavaBundle(VisionBundle):
     """A LLaVA checkpoint (vision tower + projector + language model) with its processor and chat template."""
 
-    family = "llava"
-    default_target_modules = LLAVA_LM_TARGETS
-    projector_modules = ["multi_modal_projector"]
-    #: transformers matches these from the start of the module name (or as a suffix): keep vision + projector full
-    quant_skip_modules = [r".*vision_tower", r".*multi_modal_projector", "lm_head"]
-    supports_images = True
+    family: ClassVar[str] = "llava"
+    spec: ClassVar[FamilySpec] = FamilySpec("llava", _llava_class, projector_modules=(r".*multi_modal_projector",),
+                                            quant_skip_modules=LLAVA_QUANT_SKIP)
+    model_input_keys: ClassVar[tuple[str, ...]] = TEXT_INPUTS + ("pixel_values",)
 
     def __init__(self, model: Any, tokenizer: Any, processor: Any = None, **kwargs: Any) -> None:
         super().__init__(model, tokenizer, processor, **kwargs)
-        config = self._base_config()
-        self.image_token_id = int(getattr(config, "image_token_id", None) or getattr(config, "image_token_index"))
+        config = self.base_model().config
         vision = config.vision_config
         self.patch_size = int(getattr(processor, "patch_size", None) or vision.patch_size)
         extra = getattr(processor, "num_additional_image_tokens", None)
@@ -42,71 +57,53 @@ class LlavaBundle(ModelBundle):
         self.feature_select_strategy = (getattr(processor, "vision_feature_select_strategy", None)
                                         or config.vision_feature_select_strategy)
 
-    def feature_cache(self) -> Any:
-        """A :class:`~mmerase.models.feature_cache.FrozenFeatureCache` for the influence engine: projector outputs
-        when vision tower and projector are frozen, vision tower outputs when only the projector trains, ``None``
-        when the vision tower trains."""
-        from mmerase.models.feature_cache import FrozenFeatureCache
-
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        if any(p.requires_grad for p in model.model.vision_tower.parameters()):
-            return None
-        trains_projector = any(p.requires_grad for p in model.model.multi_modal_projector.parameters())
-        return FrozenFeatureCache(self, "vision" if trains_projector else "projector")
-
-    def _base_config(self) -> Any:
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return model.config
-
     @classmethod
-    def _auto_model_class(cls) -> Any:
-        from transformers import LlavaForConditionalGeneration
+    def load_processor(cls, path: str, options: LoadOptions) -> tuple[Any, Any]:
+        return load_full_processor(path, options)
 
-        return LlavaForConditionalGeneration
-
-    @classmethod
-    def _load_processor(cls, path: str, options: LoadOptions) -> tuple[Any, Any]:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(path, local_files_only=options.local_files_only)
-        return processor.tokenizer, processor
-
-    def _to_messages(self, sample: Sample) -> list[dict[str, Any]]:
-        """LLaVA turns → typed content parts; ``<image>`` becomes an image part where it stood."""
-        messages = []
-        for role, text in sample.messages:
-            parts: list[dict[str, Any]] = []
-            if IMAGE_PLACEHOLDER in text:
-                before, after = text.split(IMAGE_PLACEHOLDER, 1)
-                if before.strip():
-                    parts.append({"type": "text", "text": before.rstrip()})
-                parts.append({"type": "image"})
-                if after.strip():
-                    parts.append({"type": "text", "text": after.lstrip()})
-            else:
-                parts.append({"type": "text", "text": text})
-            messages.append({"role": role, "content": parts})
-        return messages
-
-    def _pixel_values(self, images: list[Any]) -> torch.Tensor:
-        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    def process_image(self, image: Image.Image, n_images: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.image_processor(image, return_tensors="pt")["pixel_values"]}
 
     def num_image_tokens(self, height: int, width: int) -> int:
-        """How many ``<image>`` positions one image of this size fills (as ``LlavaProcessor`` computes it)."""
+        """How many ``<image>`` positions one image of this (processed) size fills, as ``LlavaProcessor`` counts."""
         n = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
         return n - 1 if self.feature_select_strategy == "default" else n
 
-    def _expand_image_tokens(self, ids: list[int], labels: list[int], pixel_values: torch.Tensor | None,
-                             ) -> tuple[list[int], list[int]]:
-        if self.image_token_id not in ids:
-            return ids, labels
-        n = self.num_image_tokens(int(pixel_values.shape[-2]), int(pixel_values.shape[-1]))
-        out_ids, out_labels = [], []
-        for t, lab in zip(ids, labels):
-            if t == self.image_token_id:
-                out_ids += [t] * n
-                out_labels += [-100] * n
-            else:
-                out_ids.append(t)
-                out_labels.append(lab)
-        return out_ids, out_labels
+    def token_counts(self, tensors: dict[str, torch.Tensor], n_images: int) -> list[int]:
+        pv = tensors["pixel_values"]
+        return [self.num_image_tokens(int(pv.shape[-2]), int(pv.shape[-1]))] * n_images
+
+    def feature_cache(self) -> Any:
+        """Projector outputs cached when vision tower and projector are frozen, vision tower outputs when only the
+        projector trains, ``None`` when the vision tower trains."""
+        from mmerase.models.feature_cache import FrozenFeatureCache
+
+        vision_frozen, projector_frozen = self.vision_frozen()
+        if not vision_frozen:
+            return None
+        return FrozenFeatureCache(self, "projector" if projector_frozen else "vision")
+
+    def image_features(self, tensors: dict[str, torch.Tensor], level: str) -> dict[str, Any]:
+        inner = self.base_model().model
+        captured: list[torch.Tensor] = []
+        handle = None
+        if level == "vision":  # the projector's input is the vision tower's selected output
+            handle = inner.multi_modal_projector.register_forward_pre_hook(
+                lambda _m, args: captured.append(args[0].detach()))
+        try:
+            out = inner.get_image_features(**tensors, return_dict=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if level == "vision":
+            return {"pooler": list(captured[0])}
+        return {"pooler": [f.detach() for f in out.pooler_output]}
+
+    def features_inputs(self, features: Sequence[dict[str, Any]], level: str) -> dict[str, Any]:
+        if level == "vision":
+            projector = self.base_model().model.multi_modal_projector
+            features = [{"pooler": list(projector(torch.stack(f["pooler"])))} for f in features]
+        return super().features_inputs(features, "projector")
+
+
+__all__ = ["LLAVA_LM_TARGETS", "LLAVA_QUANT_SKIP", "LlavaBundle", "load_full_processor"]

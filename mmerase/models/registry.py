@@ -5,13 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmerase.models.base import LoadOptions, LoraSettings, ModelBundle, ModelLoadError
+from mmerase.models.base import ModelBundle
+from mmerase.models.loading import LoadOptions, LoraSettings, ModelLoadError
 from mmerase.models.llava import LlavaBundle
+from mmerase.models.llava_next import LlavaNextBundle, LlavaOnevisionBundle
 from mmerase.models.presets import PRESETS, preset_path
+from mmerase.models.qwen_vl import Qwen2_5_VLBundle, Qwen2VLBundle, Qwen3VLBundle
 from mmerase.models.text import TextBundle
 
 #: model_type → family; any other model type that ``AutoModelForCausalLM`` knows is served by :class:`TextBundle`
-FAMILIES: dict[str, type[ModelBundle]] = {"llava": LlavaBundle}
+FAMILIES: dict[str, type[ModelBundle]] = {
+    b.family: b for b in (LlavaBundle, LlavaNextBundle, LlavaOnevisionBundle, Qwen2VLBundle, Qwen2_5_VLBundle,
+                          Qwen3VLBundle)}
 
 
 def register_family(model_type: str, family: type[ModelBundle]) -> None:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
-from mmerase.data import Sample
 from mmerase.models.base import ModelBundle
 
 
 class TextBundle(ModelBundle):
     """A causal LM with its tokenizer and chat template (a generic fallback template when it has none)."""
 
-    family = "text"
-    supports_images = False
+    family: ClassVar[str] = "text"
+    supports_images: ClassVar[bool] = False
 
-    @classmethod
-    def _auto_model_class(cls) -> Any:
-        from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM
-
-    def _to_messages(self, sample: Sample) -> list[dict[str, Any]]:
-        return [{"role": role, "content": text} for role, text in sample.messages]
+__all__ = ["TextBundle"]
