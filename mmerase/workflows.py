@@ -225,8 +225,9 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
 
     ``prepared`` (a folder from :func:`run_prepare`) preconditions the solve: same δ to the tolerance, fewer products;
     it is refused if made for another adapter (unless this one descends from it), dataset, curvature or damping.
-    ``cache_features`` computes frozen image features once instead of in every product (exact; LLaVA, influence
-    only: the gradient methods run the model as the fine-tune does).
+    ``cache_features`` computes frozen image features once instead of in every product (exact; image families whose
+    vision encoder and projector are frozen; influence only: the gradient methods run the model as the fine-tune
+    does).
     """
     if not estimate:
         _refuse_existing(out)
@@ -359,27 +360,3 @@ def run_generate(base: str, adapter: str | Path | None, data: str | Path, out: s
             for s, a in zip(samples, answers):
                 f.write(json.dumps({"id": s.id, "answer": a}, ensure_ascii=False) + "\n")
     return {"out": str(out), "n": len(samples), "seconds": time.perf_counter() - t0}
-
-
-def score_adapters(base: str, adapters: dict[str, str | Path | None], splits: dict[str, str | Path], *,
-                   options: LoadOptions, generate: bool = True, batch_size: int = 8,
-                   max_new_tokens: int = 32) -> dict[str, list[dict[str, Any]]]:
-    """Per-sample records for the evaluation harness: for each adapter (None: the base alone) and each split
-    (a LLaVA-format data file), every sample's loss L(z), greedy answer and reference (its last assistant turn).
-
-    Returns ``{adapter_name: [{"id", "split", "loss", "prediction", "reference"}, ...]}``, the input of
-    ``eval.unlearning.evaluate_unlearning``.
-    """
-    data = {split: load_dataset(path) for split, path in splits.items()}
-    out: dict[str, list[dict[str, Any]]] = {}
-    for name, adapter in adapters.items():
-        bundle = load_model(base, adapter=adapter, options=options)
-        records: list[dict[str, Any]] = []
-        for split, samples in data.items():
-            losses = bundle.per_sample_losses(samples, batch_size=batch_size).tolist()
-            answers = bundle.generate(samples, max_new_tokens=max_new_tokens, batch_size=batch_size) if generate \
-                else [None] * len(samples)
-            records += [{"id": s.id, "split": split, "loss": loss, "prediction": a, "reference": s.response}
-                        for s, loss, a in zip(samples, losses, answers)]
-        out[name] = records
-    return out
