@@ -28,6 +28,8 @@ from typing import Any, Union
 
 from PIL import Image
 
+from .fileio import jsonl_lines
+
 IMAGE_PLACEHOLDER = "<image>"
 
 # LLaVA data uses "human"/"gpt"; chat templates use "user"/"assistant".
@@ -309,7 +311,7 @@ def _read_records(path: Path) -> tuple[list[tuple[int, Any]], bool]:
             jsonl = True
     if jsonl:
         records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
             try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError, Sample, index_by_id, modify_sample, sample_from_record
+from .fileio import jsonl_lines
 from .influence import Edit
 
 OPS: dict[str, tuple[set[str], set[str]]] = {  # op -> (required fields, optional fields)
@@ -42,7 +43,7 @@ def parse_edits(path: str | Path, train: Sequence[Sample]) -> list[EditRequest]:
     """Read and validate an edits file against the training samples (ids must exist; each id edited once)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = jsonl_lines(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: edits file not found") from None
     index = index_by_id(train)

@@ -226,3 +226,25 @@ def test_modify_sample_replaces_the_images_of_a_multi_image_sample(folder):
         modify_sample(old, image=pil)
     with pytest.raises(DataError, match=r"contains 2 <image> placeholder\(s\) for 1 image\(s\)"):
         modify_sample(old, image=[pil])
+
+
+def test_json_lines_with_raw_unicode_line_separators_load_whole(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw inside strings (files written with ensure_ascii=False have them);
+    data and edits files split on newlines only, so such a record stays one record."""
+    import json
+
+    from mmerase.data import load_dataset
+    from mmerase.editfile import parse_edits
+
+    odd = "a\u2028b\u2029c\u0085d"
+    rows = [{"id": "x1", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": odd}]},
+            {"id": "x2", "conversations": [{"from": "human", "value": "r"}, {"from": "gpt", "value": "s"}]}]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    train = load_dataset(data)
+    assert [s.id for s in train] == ["x1", "x2"] and train[0].response == odd
+    edits = tmp_path / "e.jsonl"
+    edits.write_text(json.dumps({"op": "correct", "id": "x2", "response": odd}, ensure_ascii=False) + "\n"
+                     + json.dumps({"op": "remove", "id": "x1"}) + "\n", encoding="utf-8")
+    requests = parse_edits(edits, train)
+    assert len(requests) == 2 and requests[0].edit.new.response == odd
