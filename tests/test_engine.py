@@ -550,3 +550,22 @@ def test_step_damped_refinement_reaches_retraining_where_proximal_damping_holds_
     assert errors["proximal"][-1] > 0.1, errors  # converged, to the damped minimiser
     assert abs(errors["proximal"][-1] - errors["proximal"][-2]) < 1e-5, errors  # (it stops once converged)
     assert errors["step"][-1] < 1e-4 and errors["step"] == sorted(errors["step"], reverse=True), errors
+
+
+def test_refinement_with_fewer_edits_curvature_still_reaches_retraining(logreg):
+    """refine_edit_samples: the edits' own curvature in each step's solve from a subset of them (scaled), or none.
+    Against exact retraining of the 5% label flip: all of them reproduces the default exactly; a subset or none
+    makes each step an inexact Newton step that the line search guards; it still converges to retraining."""
+    _, eng, edits, ref = _label_flip_5pct(logreg)
+    errors = {}
+    for k in (None, len(edits), 10, 0):
+        seen = []
+        eng.solve(edits, SolverConfig(damping=0.0, tol=1e-12, refine_steps=8, batch_size=200,
+                                      refine_edit_samples=k),
+                  callback=lambda step, delta, rec: seen.append(V.flatten([delta[n] for n in eng.names])))
+        errors[k] = [float((d - ref).norm() / ref.norm()) for d in seen]
+    assert errors[len(edits)] == errors[None]
+    assert errors[None][2] < 0.01  # the exact Newton steps: two are enough (see the test above)
+    for k in (10, 0):
+        assert errors[k][0] == errors[None][0]  # step 1 is the plain update whatever the refinement uses
+        assert errors[k][-1] < 1e-4 and errors[k][1] < errors[k][0] / 10, (k, errors[k])

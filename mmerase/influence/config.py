@@ -86,6 +86,10 @@ class SolverConfig:
         "λ in refinement: proximal keeps (λ/2)‖θ − θ̂‖² in the edited objective (stays near the trained adapter; a "
         "step that raises the stationarity gap is undone); step damps each Newton step only (Levenberg–Marquardt: "
         "converges to the undamped edited optimum; every step must lower the objective)"))
+    refine_edit_samples: int | None = option(None, help=(
+        "edits whose own curvature enters each refinement step's solve, a fixed seeded subset scaled to all of them "
+        "(default: all; 0: none, an inexact Newton step on the training curvature alone that the line search still "
+        "guards). Each edit costs two samples in every product of every refinement solve"))
     stationarity_check: bool = option(True, help=(
         "certify δ by the stationarity gap ‖∇R̃_E(θ̂+δ)‖/‖∇R̃_E(θ̂)‖ (two gradient passes over the curvature set)"))
     progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
@@ -119,6 +123,8 @@ class SolverConfig:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"{name} must be ≥ 1 or None, got {v}")
+        if self.refine_edit_samples is not None and int(self.refine_edit_samples) < 0:
+            raise ValueError(f"refine_edit_samples must be ≥ 0 or None, got {self.refine_edit_samples}")
         for name in ("lr", "lissa_scale", "fd_eps"):
             v = getattr(self, name)
             if v is not None and not (v > 0):

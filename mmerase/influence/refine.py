@@ -55,10 +55,29 @@ class Refinement:
             grad = V.axpy(cfg.damping, x, grad)
         return grad
 
-    def edit_curvature(self, v: V.Vec) -> V.Vec:
-        """(1/n) Σ_E [C(z_new) − C(z_old)] v, the curvature the edits add to R̃_E's Hessian."""
-        self.state.samples += 2 * len(self.edits)
-        return self.engine.edit_product(self.edits, v, self.state.curvature, self.state.config.batch_size)
+    def curvature_edits(self) -> tuple[list[Edit], float]:
+        """The edits whose curvature enters the refinement solves, and the factor that scales them to all edits
+        (``refine_edit_samples``: a fixed seeded subset; 0: none)."""
+        k = self.state.config.refine_edit_samples
+        if k is None or k >= len(self.edits):
+            return self.edits, 1.0
+        g = torch.Generator().manual_seed(self.state.config.seed + 2)
+        chosen = sorted(torch.randperm(len(self.edits), generator=g)[:k].tolist())
+        return [self.edits[i] for i in chosen], len(self.edits) / k if k else 0.0
+
+    def edit_curvature(self) -> Callable[[V.Vec], V.Vec] | None:
+        """v ↦ (1/n) Σ_E [C(z_new) − C(z_old)] v, the curvature the edits add to R̃_E's Hessian (estimated from
+        ``refine_edit_samples`` of them), or None when no edit's curvature is used."""
+        edits, factor = self.curvature_edits()
+        if not edits:
+            return None
+        cfg = self.state.config
+
+        def product(v: V.Vec) -> V.Vec:
+            self.state.samples += 2 * len(edits)
+            hv = self.engine.edit_product(edits, v, self.state.curvature, cfg.batch_size)
+            return hv if factor == 1.0 else V.scale(factor, hv)
+        return product
 
     def objective(self, x: V.Vec) -> float:
         """R̃_E(θ̂ + x) up to a constant."""
@@ -104,7 +123,7 @@ class Refinement:
                 if k == state.config.refine_steps:
                     break
                 config_before = state.config
-                step_out = damped_solve(state, V.scale(-1.0, grad), self.edit_curvature)
+                step_out = damped_solve(state, V.scale(-1.0, grad), self.edit_curvature())
                 steps += step_out.steps
                 history += [dict(h, newton_step=k + 2) for h in step_out.history]
                 t, trial = self.line_search(x, step_out.x)
