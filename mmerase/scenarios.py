@@ -178,6 +178,7 @@ class Scenarios:
     validation: tuple[list[Sample], list[int | str]]
     sizes: dict[str, int]
     timings: dict[str, float]
+    cpu_timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def train_file(self, task: str) -> Path:
         return self.data_dir / TRAIN_FILE[task]
@@ -193,6 +194,14 @@ class Scenarios:
 
     def retrain_seconds(self, task: str) -> float:
         return self.timings[RETRAINED[task]]
+
+    def retrain_passes(self, task: str, epochs: int) -> int:
+        """One retraining's sample passes: ``epochs`` × the edited training set (IR's has the removed pairs out)."""
+        return epochs * (self.sizes["train"] - (self.sizes["edits"] if task == "ir" else 0))
+
+    def retrain_cpu_seconds(self, task: str) -> float | None:
+        """The retraining's CPU time (this process), for comparing with the unlearning's accounting."""
+        return self.cpu_timings.get(RETRAINED[task])
 
     def eval_sets(self, task: str, held_out: str = "test") -> dict[str, tuple[list[Sample], list[int]]]:
         """The held-out split and the edited samples: IR's removed pairs as trained (wrong answers), else the
@@ -264,13 +273,16 @@ def build_scenarios(root: Path, cfg: ScenarioConfig) -> Scenarios:
     need = set(cfg.tasks)
     to_train = {CORRUPTED[t]: TRAIN_FILE[t] for t in need}
     to_train.update({RETRAINED[t]: "train_removed.json" if t == "ir" else "train_clean.json" for t in need})
+    cpu: dict[str, float] = {}
     for name, fname in to_train.items():
         with stage(f"training the {name} adapter"):
+            t_cpu = time.process_time()
             timings[name] = train_scenario_adapter(base, load_dataset(data_dir / fname), adapters / name, cfg)
+            cpu[name] = time.process_time() - t_cpu
     return Scenarios(root, base, data_dir, adapters, clean, corrupted_rc, bad, bad_ids, wrong_label,
                      [targets[train_idx[k]] for k in bad], test, validation,
                      {"pretrain": len(pre_idx), "train": len(train_idx), "test": len(test_idx),
-                      "validation": len(val_idx), "edits": len(bad)}, timings)
+                      "validation": len(val_idx), "edits": len(bad)}, timings, cpu)
 
 
 def validation_split(cfg: ScenarioConfig) -> list[int]:

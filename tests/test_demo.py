@@ -3,6 +3,8 @@ the edited samples' loss the right way (issue 4)."""
 
 import json
 
+import pytest
+
 from mmerase.cli import main
 
 
@@ -26,6 +28,17 @@ def test_quick_demo_writes_its_report_and_recovers(tmp_path, capsys):
     assert rc["residual"] < 1e-2 and rc["converged"]
     md = (out / "report.md").read_text()
     assert "| retrained |" in md and "| mmerase |" in md and "recovery" in md
+    # what the unlearning cost, from the run record's accounting, against this run's retraining
+    record = json.loads((out / "adapters/unlearned-rc/mmerase_record.json").read_text())
+    cost = rc["cost"]
+    assert cost["sample_passes"] == record["accounting"]["sample_passes"] > 0
+    assert cost["retraining_fraction"] == pytest.approx(cost["sample_passes"] / (4 * 120))  # quick: 4 epochs × 120
+    assert cost["cpu_s"] > 0 and cost["retrain_cpu_s"] > 0 and "× one retraining's" in md
+    # the grid: edited pairs, the answer they were trained on, and what each adapter now says
+    assert len(rc["grid"]) == 4 and all(set(g["answers"]) == {"corrupted", "retrained", "mmerase"} for g in rc["grid"])
+    assert all(g["trained_answer"] != g["true_answer"] for g in rc["grid"])
+    assert all((out / "data" / g["image"]).is_file() for g in rc["grid"])
+    assert (out / "report.png").stat().st_size > 20_000
     assert f"demo report written to {out}" in capsys.readouterr().out
 
 
