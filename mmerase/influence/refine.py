@@ -91,21 +91,24 @@ class Refinement:
         prox = 0.5 * cfg.damping * V.dot(x, x) if self.proximal else 0.0
         return train - V.dot(self.g_hat, x) + (new - old) / engine.n + prox
 
-    def line_search(self, x: V.Vec, step: V.Vec) -> tuple[float, V.Vec]:
-        """The largest t in 1, 1/2, … ≥ MIN_STEP with R̃_E(x + t·step) < R̃_E(x); t = 0 when there is none."""
-        f_x = self.objective(x)
+    def line_search(self, x: V.Vec, step: V.Vec, f_x: float | None = None) -> tuple[float, V.Vec, float]:
+        """The largest t in 1, 1/2, … ≥ MIN_STEP with R̃_E(x + t·step) < R̃_E(x) (``f_x``, when already known);
+        returns (t, x + t·step, R̃_E there); t = 0 and x itself when there is none."""
+        f_x = self.objective(x) if f_x is None else f_x
         t = 1.0
         while t >= MIN_STEP:
             trial = V.axpy(t, step, x)
-            if self.objective(trial) < f_x:
-                return t, trial
+            f_trial = self.objective(trial)
+            if f_trial < f_x:
+                return t, trial, f_trial
             t /= 2
-        return 0.0, x
+        return 0.0, x, f_x
 
     def run(self, x: V.Vec, out: SolverOutput, history: list[dict], steps: int) -> tuple[V.Vec, SolverOutput, int]:
         """Up to ``refine_steps`` Newton steps from θ̂ + x; returns the final (x, its solver output, total steps)
         and leaves each step's record in :attr:`records`."""
         state, before = self.state, None  # (x, out, config) before the last accepted step
+        f_x: float | None = None  # R̃_E at x, once a line search has evaluated it
         try:
             for k in range(state.config.refine_steps + 1):
                 t_k = time.perf_counter()
@@ -126,12 +129,14 @@ class Refinement:
                 step_out = damped_solve(state, V.scale(-1.0, grad), self.edit_curvature())
                 steps += step_out.steps
                 history += [dict(h, newton_step=k + 2) for h in step_out.history]
-                t, trial = self.line_search(x, step_out.x)
+                if state.config.refine_damping == "proximal" or state.config.damping != config_before.damping:
+                    f_x = None  # the objective itself changed with λ (a proximal term) or is yet unknown
+                t, trial, f_trial = self.line_search(x, step_out.x, f_x)
                 self.records[-1].update(residual=step_out.residual, step_size=t, seconds=time.perf_counter() - t_k)
                 if t == 0.0:  # no decrease along the Newton direction: stop refining
                     break
                 before = (x, out, config_before)
-                x, out = trial, step_out
+                x, out, f_x = trial, step_out, f_trial
         finally:
             self.engine.set_parameters(self.saved, None)
         return x, out, steps
