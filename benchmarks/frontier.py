@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mmerase.data import load_dataset  # noqa: E402
 from mmerase.editfile import parse_edits  # noqa: E402
-from mmerase.influence import InfluenceEngine, PreconditionerConfig, SolverConfig  # noqa: E402
+from mmerase.demo import preparation_settings  # noqa: E402
+from mmerase.influence import InfluenceEngine, SolverConfig  # noqa: E402
 from mmerase.methods import CONFIGS, Checkpoints, PassCounter, unlearn  # noqa: E402
 from mmerase.metrics import recovery_ratio  # noqa: E402
 from mmerase.models import LoadOptions, load_model  # noqa: E402
@@ -169,13 +170,11 @@ def engine_for(sc: Scenario, method: str) -> tuple[Any, InfluenceEngine]:
 
 
 def build_preparation(engine: InfluenceEngine, spec: dict[str, Any], seed: int) -> tuple[Any, float]:
-    """A preparation built inside the request (its passes counted: returned), as `mmerase prepare` builds one:
-    the GGN's λ = damping_scale × its top eigenvalue from 5 Lanczos products over 64 sampled pairs."""
-    solver = SolverConfig(curvature="ggn", damping="auto", damping_scale=spec["damping_scale"], damping_steps=5,
-                          curvature_samples=64, batch_size=64, seed=seed, progress=False)
+    """A preparation built inside the request (its passes counted: returned), exactly as `mmerase demo` builds one
+    (:func:`mmerase.demo.preparation_settings`)."""
+    solver, config = preparation_settings(spec["kind"], spec["damping_scale"], "ggn", seed, False)
     with PassCounter(engine.model) as counted:
-        prep = prepare(engine, solver, PreconditionerConfig(kind=spec["kind"], batch_size=64, seed=seed,
-                                                            progress=False))
+        prep = prepare(engine, solver, config)
     return prep.preconditioner, (counted.forward + 2 * counted.backward) / 3
 
 
@@ -217,7 +216,8 @@ def run_trial(sc: Scenario, method: str, params: dict[str, Any], seed: int) -> d
         engine.set_parameters(theta)
         points.append({**cost, "fraction": cost["sample_passes"] / sc.retrain_passes, **sc.score(bundle)})
     engine.set_parameters(theta_hat)
-    return {"method": method, "params": params, "seed": seed, "points": points, "error": error}
+    return {"method": method, "params": params, "seed": seed, "points": points, "error": error,
+            "preparation_damping": None if preconditioner is None else preconditioner.damping}
 
 
 def choose(sc: Scenario, trials: list[dict[str, Any]], retrain: dict[str, float]) -> dict[str, Any]:

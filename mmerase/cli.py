@@ -37,8 +37,14 @@ class Command:
         return command_flags(self.groups(), self.shared)
 
     def configs(self, args: argparse.Namespace) -> dict[type, Any]:
-        """Every group's dataclass built from the parsed options (its validation runs)."""
-        return {g.cls: build(g, args) for g in self.groups()}
+        """Every group's dataclass built from the parsed options (its validation runs), in the groups' order; a
+        field typed as an earlier group's class (DemoConfig.solver) takes that group's config."""
+        built: dict[type, Any] = {}
+        for g in self.groups():
+            nested = {f.name: built[cls] for f in dataclasses.fields(g.cls) for cls in built
+                      if f.type in (cls, cls.__name__)}
+            built[g.cls] = build(g, args, **nested)
+        return built
 
 
 # ----------------------------------------------------------------------------- command bodies
@@ -155,10 +161,8 @@ def _cmd_generate(a: argparse.Namespace, c: dict[type, Any]) -> int:
 
 def _cmd_demo(a: argparse.Namespace, c: dict[type, Any]) -> int:
     from .demo import DemoConfig, DemoFiles, run_demo
-    from .influence import SolverConfig
 
-    cfg = dataclasses.replace(c[DemoConfig], solver=c[SolverConfig])
-    report = run_demo(c[DemoFiles].out, cfg)
+    report = run_demo(c[DemoFiles].out, c[DemoConfig])
     print(f"demo report written to {report['out']} ({report['seconds']:.0f} s)")
     return 0
 
@@ -221,10 +225,12 @@ def _demo_groups() -> list[Group]:
     from .demo import DEMO_SOLVER, DemoConfig, DemoFiles
     from .influence import SolverConfig
 
-    exposed = ("method", "curvature", "damping", "damping_scale", "refine_steps", "refine_damping", "tol", "progress")
-    return [Group(DemoFiles), Group(DemoConfig, defaults={"tasks": "all"}),
+    exposed = ("method", "curvature", "damping", "damping_scale", "refine_steps", "refine_damping", "tol",
+               "residual_samples", "progress")
+    return [Group(DemoFiles),
             Group(SolverConfig, only=exposed, defaults=DEMO_SOLVER,
-                  fixed={k: v for k, v in DEMO_SOLVER.items() if k not in exposed})]
+                  fixed={k: v for k, v in DEMO_SOLVER.items() if k not in exposed}),
+            Group(DemoConfig, defaults={"tasks": "all"})]
 
 
 COMMANDS = [

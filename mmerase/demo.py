@@ -17,31 +17,59 @@ from typing import Any
 
 import torch
 
-from .influence import SolverConfig
+from .influence import PreconditionerConfig, SolverConfig
 from .options import option
 from .record import atomic_output_dir, machine, versions, write_json
 from .demo_report import markdown, plot
 from .models import load_model
 from .scenarios import (TASK_NAMES, ScenarioConfig, Scenarios, build_scenarios, evaluate_bundle, recoveries,
                         stage)
-from .workflows import run_unlearn
+from .workflows import run_prepare, run_unlearn
 
 
-#: the solver settings of every demo scenario, chosen on the validation split (benchmarks/README.md, fidelity)
-DEMO_SOLVER = {"curvature": "hessian", "damping": "auto", "damping_scale": 1e-2, "tol": 1e-2, "max_steps": 100,
-               "batch_size": 128, "refine_steps": 10, "refine_damping": "step"}
+#: the unlearning every demo scenario runs: one-step refinement steps with the scenario's preparation, chosen on the
+#: validation split among what fits the demo's minutes (benchmarks/README.md, "Recovery against compute")
+DEMO_SOLVER = {"method": "prepared", "curvature": "ggn", "damping": "auto", "tol": 1e-2, "batch_size": 128,
+               "residual_samples": 64, "refine_steps": 20, "refine_damping": "step", "refine_edit_samples": 0}
+PREPARATION_KINDS = ("ekfac", "kfac", "diagonal", "lowrank")
+
+
+def preparation_settings(kind: str, damping_scale: float, curvature: str = "ggn", seed: int = 0,
+                         progress: bool | None = None, damping: float | str = "auto"
+                         ) -> tuple[SolverConfig, PreconditionerConfig]:
+    """How the demo (and the method comparison, which validated it) builds a preparation: λ = damping_scale × the
+    curvature's top eigenvalue from 5 Lanczos products over 64 sampled pairs (or a given number); the preconditioner
+    from every pair."""
+    solver = SolverConfig(curvature=curvature, damping=damping, damping_scale=damping_scale, damping_steps=5,
+                          curvature_samples=64, batch_size=64, seed=seed, progress=progress)
+    return solver, PreconditionerConfig(kind=kind, batch_size=64, seed=seed, progress=progress)
 
 
 @dataclass
 class DemoConfig(ScenarioConfig):
-    """The scenarios (sizes, recipes, device) and the solver every scenario's unlearning runs with
-    (:data:`DEMO_SOLVER` unless given; its seed and progress are the demo's)."""
+    """The scenarios (sizes, recipes, device), the preparation built once per corrupted adapter, and the solver
+    every scenario's unlearning runs with (:data:`DEMO_SOLVER` unless given; its seed and progress are the demo's;
+    damping 'auto' means the preparation's λ)."""
 
+    preparation: str | None = option("ekfac", choices=PREPARATION_KINDS, help=(
+        "build this preparation once per corrupted adapter (`mmerase prepare`, its cost counted in the report) and "
+        "unlearn with it; none: a cold solve (then not --solver prepared)"))
+    preparation_damping_scale: float = option(1e-2, help=(
+        "the preparation's λ as a fraction of the curvature's top eigenvalue"))
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(**DEMO_SOLVER))
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.solver = dataclasses.replace(self.solver, seed=self.seed, progress=self.progress)
+        if self.preparation is None and self.solver.method == "prepared":
+            raise ValueError("the solver 'prepared' answers with a preparation: give --preparation (e.g. ekfac), or "
+                             "--solver cg for a cold solve")
+        if not self.preparation_damping_scale > 0:
+            raise ValueError(f"preparation_damping_scale must be > 0, got {self.preparation_damping_scale}")
+
+    def preparation_configs(self) -> tuple[SolverConfig, PreconditionerConfig]:
+        return preparation_settings(self.preparation, self.preparation_damping_scale, self.solver.curvature,
+                                    self.seed, self.progress, self.solver.damping)
 
 
 @dataclass
@@ -81,17 +109,37 @@ GRID = 4
 
 def _run(root: Path, cfg: DemoConfig) -> dict[str, Any]:
     sc_files = build_scenarios(root, cfg)
-    scenarios = {task: _scenario(sc_files, task, cfg) for task in cfg.tasks}
+    preparations: dict[str, dict[str, Any]] = {}
+    scenarios = {task: _scenario(sc_files, task, cfg, preparations) for task in cfg.tasks}
     return {"config": asdict(cfg), "solver": demo_solver(cfg).to_dict(), "scenarios": scenarios,
-            "sizes": sc_files.sizes, "versions": versions(), "machine": machine()}
+            "preparations": preparations, "sizes": sc_files.sizes, "versions": versions(), "machine": machine()}
 
 
-def _scenario(sc_files: Scenarios, task: str, cfg: DemoConfig) -> dict[str, Any]:
-    """Unlearn one scenario through the workflow, then score the three adapters and ask them the grid's samples."""
+def _prepared(sc_files: Scenarios, task: str, cfg: DemoConfig, done: dict[str, dict[str, Any]]) -> Path | None:
+    """The preparation for this scenario's corrupted adapter and training file (built once; RC and IR share it)."""
+    if cfg.preparation is None:
+        return None
+    adapter = sc_files.corrupted(task)
+    folder = sc_files.adapters / f"prep-{adapter.name}"
+    if adapter.name not in done:
+        solver, config = cfg.preparation_configs()
+        with stage(f"preparing {adapter.name} ({cfg.preparation}, once for its scenarios)"):
+            prep = run_prepare(str(sc_files.base), adapter, sc_files.train_file(task), folder, solver=solver,
+                               config=config, options=cfg.load_options())
+        done[adapter.name] = {"folder": folder.name, "kind": prep.record["kind"], "damping": prep.damping,
+                              "accounting": prep.record.get("accounting"), "seconds": prep.record["timings"]}
+    return folder
+
+
+def _scenario(sc_files: Scenarios, task: str, cfg: DemoConfig, preparations: dict[str, dict[str, Any]]
+              ) -> dict[str, Any]:
+    """Unlearn one scenario through the workflows (prepare, unlearn), then score the three adapters and ask them
+    the grid's samples."""
+    prepared = _prepared(sc_files, task, cfg, preparations)
     with stage(f"unlearning {task.upper()} ({TASK_NAMES[task]}, {len(sc_files.bad)} edits)"):
         outcome = run_unlearn(str(sc_files.base), sc_files.corrupted(task), sc_files.train_file(task),
                               sc_files.edits_file(task), sc_files.adapters / f"unlearned-{task}",
-                              solver=demo_solver(cfg), options=cfg.load_options(),
+                              solver=demo_solver(cfg), options=cfg.load_options(), prepared=prepared,
                               retrain_passes=sc_files.retrain_passes(task, cfg.epochs))
     sets, grid = sc_files.eval_sets(task), _grid(sc_files, task)
     rows, answers = {}, {}
@@ -101,14 +149,12 @@ def _scenario(sc_files: Scenarios, task: str, cfg: DemoConfig) -> dict[str, Any]
             bundle = load_model(sc_files.base, adapter=path, options=cfg.load_options())
             rows[role] = evaluate_bundle(bundle, sets, cfg.progress)
             answers[role] = bundle.generate([g["sample"] for g in grid], max_new_tokens=8)
-    res, acc = outcome.result, outcome.record["accounting"]
-    retrain_cpu = sc_files.retrain_cpu_seconds(task)
+    res = outcome.result
+    prep = preparations.get(sc_files.corrupted(task).name)
     return {
         "name": TASK_NAMES[task], "n_edits": len(sc_files.bad), "rows": rows,
         "retrain_seconds": sc_files.retrain_seconds(task), "unlearn_seconds": outcome.record["timings"]["solve_s"],
-        "cost": {"sample_passes": acc["sample_passes"], "retraining_fraction": acc["retraining_fraction"],
-                 "cpu_s": acc["cpu_s"], "retrain_cpu_s": retrain_cpu,
-                 "cpu_fraction": acc["cpu_s"] / retrain_cpu if retrain_cpu else None},
+        "cost": _cost(outcome.record["accounting"], prep, sc_files, task, cfg),
         "damping": res.config.get("damping"), "damping_estimate": res.info.get("damping"),
         "residual": res.residual, "converged": res.converged, "solver_steps": res.steps,
         "stationarity_gap": res.info.get("stationarity_gap"),
@@ -116,6 +162,20 @@ def _scenario(sc_files: Scenarios, task: str, cfg: DemoConfig) -> dict[str, Any]
                  for i, g in enumerate(grid)],
         **recoveries(task, rows),
     }
+
+
+def _cost(acc: dict[str, Any], prep: dict[str, Any] | None, sc_files: Scenarios, task: str, cfg: DemoConfig
+          ) -> dict[str, Any]:
+    """What unlearning the scenario cost: the request, plus the whole preparation it used (counted in full for
+    each scenario that uses it), against this run's retraining."""
+    prep_acc = (prep or {}).get("accounting") or {}
+    passes = acc["sample_passes"] + prep_acc.get("sample_passes", 0.0)
+    cpu = acc["cpu_s"] + prep_acc.get("cpu_s", 0.0)
+    retrain_passes, retrain_cpu = sc_files.retrain_passes(task, cfg.epochs), sc_files.retrain_cpu_seconds(task)
+    return {"sample_passes": passes, "retraining_fraction": passes / retrain_passes, "cpu_s": cpu,
+            "retrain_cpu_s": retrain_cpu, "cpu_fraction": cpu / retrain_cpu if retrain_cpu else None,
+            "request": {"sample_passes": acc["sample_passes"], "cpu_s": acc["cpu_s"]},
+            "preparation": {k: prep_acc.get(k) for k in ("sample_passes", "cpu_s")} if prep_acc else None}
 
 
 def _grid(sc_files: Scenarios, task: str) -> list[dict[str, Any]]:

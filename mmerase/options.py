@@ -161,9 +161,10 @@ def _flag(f: dataclasses.Field, default: Any) -> Flag:
         if len(base) != 1 or next(iter(base)) not in simple:
             raise TypeError(f"field {f.name} ({f.type}) needs parse= in its option()")
         parse = simple[next(iter(base))]
-    if parse is not None and may_be_none and parse is not str:
-        parse = optional(parse)
     choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+    if parse is not None and may_be_none and (parse is not str or choices):
+        parse = optional(parse)  # a field that may be None takes none / null on the command line
+        choices = (*choices, None) if choices else choices
     flag = meta["flag"] or "--" + f.name.replace("_", "-")
     return Flag(dest=flag.lstrip("-").replace("-", "_"), field=f.name, flag=flag, help=meta["help"],
                 default=default, parse=parse, choices=tuple(choices) if choices else None, boolean=boolean,

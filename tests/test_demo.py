@@ -10,8 +10,9 @@ from mmerase.cli import main
 
 def test_quick_demo_writes_its_report_and_recovers(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["demo", "--quick", "--task", "rc", "--out", out, "--damping", "0.1",
-                 "--curvature", "ggn", "--refine-steps", "0", "--no-progress"])
+    code = main(["demo", "--quick", "--task", "rc", "--out", out, "--damping", "0.1", "--solver", "cg",
+                 "--preparation", "none", "--residual-samples", "none", "--curvature", "ggn", "--refine-steps", "0",
+                 "--no-progress"])
     assert code == 0, capsys.readouterr().err
     for name in ("report.md", "report.json", "report.png", "data/train_rc.json", "data/edits_rc.jsonl",
                  "adapters/corrupted-labels/adapter_model.safetensors",
@@ -31,7 +32,7 @@ def test_quick_demo_writes_its_report_and_recovers(tmp_path, capsys):
     # what the unlearning cost, from the run record's accounting, against this run's retraining
     record = json.loads((out / "adapters/unlearned-rc/mmerase_record.json").read_text())
     cost = rc["cost"]
-    assert cost["sample_passes"] == record["accounting"]["sample_passes"] > 0
+    assert cost["sample_passes"] == record["accounting"]["sample_passes"] > 0 and cost["preparation"] is None
     assert cost["retraining_fraction"] == pytest.approx(cost["sample_passes"] / (4 * 120))  # quick: 4 epochs × 120
     assert cost["cpu_s"] > 0 and cost["retrain_cpu_s"] > 0 and "× one retraining's" in md
     # the grid: edited pairs, the answer they were trained on, and what each adapter now says
@@ -44,13 +45,35 @@ def test_quick_demo_writes_its_report_and_recovers(tmp_path, capsys):
 
 def test_quick_demo_removal_raises_the_forgotten_samples_loss(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--task", "ir", "--out", out, "--damping", "0.1",
-                 "--curvature", "ggn", "--refine-steps", "0", "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--task", "ir", "--out", out, "--damping", "0.1", "--solver", "cg",
+                 "--preparation", "none", "--residual-samples", "none", "--curvature", "ggn", "--refine-steps", "0",
+                 "--no-progress"]) == 0
     ir = json.loads((out / "report.json").read_text())["scenarios"]["ir"]
     rows = ir["rows"]
     assert rows["retrained"]["forget_loss"] > rows["corrupted"]["forget_loss"]
     assert rows["mmerase"]["forget_loss"] > rows["corrupted"]["forget_loss"]
     assert ir["recovery_forget_loss"] > 0.2
+
+
+def test_quick_demo_default_prepares_once_per_adapter_and_counts_it(tmp_path):
+    """The default path: one preparation for the corrupted-labels adapter serves RC and IR (both unlearn with it),
+    and each scenario's cost is its request plus that whole preparation; the updates move the right way."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--task", "rc,ir", "--out", out, "--refine-steps", "3", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["preparations"]) == ["corrupted-labels"]
+    prep = json.loads((out / "adapters/prep-corrupted-labels/preparation.json").read_text())
+    assert prep["kind"] == "ekfac" and report["preparations"]["corrupted-labels"]["damping"] == prep["damping"]
+    for task in ("rc", "ir"):
+        sc = report["scenarios"][task]
+        record = json.loads((out / f"adapters/unlearned-{task}/mmerase_record.json").read_text())
+        assert record["prepared"]["path"].endswith("prep-corrupted-labels") and record["solver"]["method"] == "prepared"
+        assert record["damping"]["used"] == prep["damping"]  # 'auto' with a preparation: its λ
+        assert sc["cost"]["sample_passes"] == pytest.approx(record["accounting"]["sample_passes"]
+                                                            + prep["accounting"]["sample_passes"])
+    rc, ir = report["scenarios"]["rc"]["rows"], report["scenarios"]["ir"]["rows"]
+    assert rc["mmerase"]["edited_loss"] < rc["corrupted"]["edited_loss"]
+    assert ir["mmerase"]["forget_loss"] > ir["corrupted"]["forget_loss"]
 
 
 def test_demo_defaults_are_the_ones_chosen_on_validation():
