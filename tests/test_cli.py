@@ -229,7 +229,7 @@ def test_shipped_configs_are_valid_for_every_command(name):
     path = Path(__file__).resolve().parents[1] / "configs" / name
     values = {c.name: config_values(str(path), c) for c in COMMANDS}
     if name == "demo.yaml":
-        assert values["demo"]["curvature"] == "hessian" and values["demo"]["task"] == ("rc", "qm", "ir")
+        assert values["demo"]["curvature"] == "ggn" and values["demo"]["task"] == ("rc", "qm", "ir")
     else:
         assert values["unlearn"]["quantization"] == "nf4" and values["unlearn"]["solver"] == "cg"
         assert values["finetune"]["lora_r"] == 8 and values["generate"]["max_new_tokens"] == 128

@@ -76,22 +76,17 @@ def test_quick_demo_default_prepares_once_per_adapter_and_counts_it(tmp_path):
     assert ir["mmerase"]["forget_loss"] > ir["corrupted"]["forget_loss"]
 
 
-def test_demo_defaults_are_the_ones_chosen_on_validation():
-    """DemoConfig, `mmerase demo`'s options and configs/demo.yaml carry the settings benchmarks/fidelity.py chose on
-    the validation split."""
+def test_demo_defaults_are_one_source():
+    """DemoConfig, `mmerase demo`'s command-line defaults and configs/demo.yaml are the same settings."""
     from pathlib import Path
 
     from mmerase.cli import COMMANDS, _parse, config_values
-    from mmerase.demo import DemoConfig
+    from mmerase.demo import DEMO_SOLVER, DemoConfig
 
     root = Path(__file__).resolve().parents[1]
-    rep = json.loads((root / "benchmarks" / "fidelity.json").read_text())
-    chosen, cfg = rep["chosen"], DemoConfig()
-    assert (cfg.solver.curvature, cfg.solver.refine_steps, cfg.solver.refine_damping, cfg.solver.damping) == \
-        (chosen["curvature"], chosen["refine_steps"], chosen.get("refine_damping", "proximal"), "auto")
+    cfg = DemoConfig()
+    assert {k: getattr(cfg.solver, k) for k in DEMO_SOLVER} == DEMO_SOLVER
     demo = next(c for c in COMMANDS if c.name == "demo")
-    built = demo.configs(_parse(demo, []))
-    assert built[DemoConfig] == cfg  # the command line's defaults are DemoConfig's, solver included
-    yaml_values = config_values(str(root / "configs" / "demo.yaml"), demo)
-    from_yaml = demo.configs(_parse(demo, ["--config", str(root / "configs" / "demo.yaml")]))
-    assert yaml_values and from_yaml[DemoConfig] == cfg and from_yaml[type(cfg.solver)] == cfg.solver
+    assert demo.configs(_parse(demo, []))[DemoConfig] == cfg  # the command line's defaults, solver included
+    yaml_file = str(root / "configs" / "demo.yaml")
+    assert config_values(yaml_file, demo) and demo.configs(_parse(demo, ["--config", yaml_file]))[DemoConfig] == cfg
