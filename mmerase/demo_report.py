@@ -87,17 +87,22 @@ def _frontier_panel(ax: Any, task: str, sc: dict[str, Any], frontier: dict[str, 
     ir = task == "ir"
     key = "recovery_forget_loss" if ir else "recovery_test_acc"
     committed = (frontier or {}).get("scenarios", {}).get(f"digits-{task}")
+    ys = [0.0, 1.2]
     if committed:
         for method, per in committed["chosen"].items():
             pts = sorted((p["fraction"], p[key]) for p in per.values() if p.get(key) is not None)
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, lw=1, alpha=0.8, label=method)
+                ys += [y for _, y in pts]
     ax.plot([1.0], [1.0], marker="*", ms=11, color="black", ls="none", label="retraining")
     x = sc["cost"]["retraining_fraction"]
     if x and sc.get(key) is not None:
         ax.plot([x], [sc[key]], marker="D", ms=9, color="red", ls="none", label="this run")
+        ys.append(sc[key])
     ax.axhline(1.0, color="grey", ls="--", lw=0.8)
     ax.set_xscale("log")
+    ax.set_xlim(0.02, 200)
+    ax.set_ylim(max(-2.0, min(ys)) - 0.1, min(3.0, max(ys)) + 0.1)
     ax.set_xlabel("compute (× one retraining)")
     ax.set_ylabel("forget-loss recovery" if ir else "test-accuracy recovery")
     ax.set_title(f"{task.upper()}" + ("" if committed else " (no committed comparison here)"))
