@@ -55,6 +55,14 @@ def test_choices_are_the_validation_best_and_recoveries_follow_from_rows(frontie
                 assert p["recovery_test_acc"] == pytest.approx(want, rel=1e-12)
 
 
+def test_the_demo_choice_follows_the_stated_rule(frontier):
+    mod, rep, _ = frontier
+    choice, trial = rep["demo_choice"], rep["scenarios"]["digits-rc"]["trials"][0]
+    last = [p for p in trial["points"] if p["fraction"] <= mod.DEMO_BUDGET][-1]
+    assert choice["params"] == trial["params"] == mod.TRIALS["influence"][0]
+    assert choice["newton_steps"] == last["step"] and choice["validation_score"] == last["recovery_validation_acc"]
+
+
 def test_report_and_plot(frontier):
     mod, rep, out = frontier
     md = (out / "frontier.md").read_text()
