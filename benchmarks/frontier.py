@@ -74,6 +74,14 @@ TRIALS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+def trials_for(smoke: bool) -> dict[str, list[dict[str, Any]]]:
+    """The trials a run makes: all of :data:`TRIALS`, or in a smoke run one per method (influence's prepared
+    refinement, three steps)."""
+    if not smoke:
+        return TRIALS
+    return {m: [{**TRIALS[m][1], "refine_steps": 3}] if m == "influence" else TRIALS[m][:1] for m in METHODS}
+
+
 def log(*args: Any) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *args, file=sys.stderr, flush=True)
 
@@ -296,7 +304,8 @@ def build(work: Path, smoke: bool, seed: int) -> dict[str, tuple[Any, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     partial = args.out / "frontier.partial.json"
     report = json.loads(partial.read_text()) if args.resume and partial.is_file() else {
-        "config": {"budgets": BUDGETS, "influence_extra": INFLUENCE_EXTRA, "trials": TRIALS, "smoke": args.smoke,
+        "config": {"budgets": BUDGETS, "influence_extra": INFLUENCE_EXTRA, "trials": trials_for(args.smoke),
+                   "smoke": args.smoke,
                    "seed": args.seed, "threads": torch.get_num_threads()}, "scenarios": {}}
     for name, (files, task, cfg) in build(args.work, args.smoke, args.seed).items():
         with stage(f"scenario {name}: references"):
@@ -307,7 +316,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rep["retraining"] = measure_retraining(sc, args.work)
         done = {(t["method"], json.dumps(t["params"], sort_keys=True)) for t in rep["trials"]}
         for method in METHODS:
-            for params in (TRIALS[method][:1] if args.smoke else TRIALS[method]):
+            for params in report["config"]["trials"][method]:
                 if (method, json.dumps(params, sort_keys=True)) in done:
                     continue
                 with stage(f"{name}: {method} {params}"):

@@ -59,7 +59,7 @@ def test_the_demo_choice_follows_the_stated_rule(frontier):
     mod, rep, _ = frontier
     choice, trial = rep["demo_choice"], rep["scenarios"]["digits-rc"]["trials"][0]
     last = [p for p in trial["points"] if p["fraction"] <= mod.DEMO_BUDGET][-1]
-    assert choice["params"] == trial["params"] == mod.TRIALS["influence"][0]
+    assert choice["params"] == trial["params"] == mod.trials_for(True)["influence"][0]
     assert choice["newton_steps"] == last["step"] and choice["validation_score"] == last["recovery_validation_acc"]
 
 
