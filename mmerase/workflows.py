@@ -45,12 +45,18 @@ class FinetuneFiles:
 
 
 @dataclass
-class UnlearnFiles:
-    """What `mmerase unlearn` reads and writes."""
+class AdapterFiles:
+    """The trained adapter a request starts from: its base, the adapter folder and its training data."""
 
     base: str = option(None, required=True, help=BASE_HELP)
     adapter: str = option(None, required=True, help="the trained peft adapter folder (only read)")
     data: str = option(None, required=True, help="the training data the adapter was trained on")
+
+
+@dataclass
+class UnlearnFiles(AdapterFiles):
+    """What `mmerase unlearn` reads and writes."""
+
     edits: str = option(None, required=True, help="edits file (JSONL: remove / modify / correct / add)")
     out: str = option(None, required=True, help="new adapter folder (must not exist)")
     prepared: str | None = option(None, help=(
@@ -62,12 +68,9 @@ class UnlearnFiles:
 
 
 @dataclass
-class PrepareFiles:
+class PrepareFiles(AdapterFiles):
     """What `mmerase prepare` reads and writes."""
 
-    base: str = option(None, required=True, help=BASE_HELP)
-    adapter: str = option(None, required=True, help="the trained peft adapter folder (only read)")
-    data: str = option(None, required=True, help="the training data the adapter was trained on")
     out: str = option(None, required=True, help="new preparation folder (must not exist)")
 
 
