@@ -54,7 +54,7 @@ class DemoConfig(ScenarioConfig):
     preparation: str | None = option("ekfac", choices=PREPARATION_KINDS, help=(
         "build this preparation once per corrupted adapter (`mmerase prepare`, its cost counted in the report) and "
         "unlearn with it; none: a cold solve (then not --solver prepared)"))
-    preparation_damping_scale: float = option(1e-2, help=(
+    preparation_damping_scale: float = option(3e-3, help=(
         "the preparation's λ as a fraction of the curvature's top eigenvalue"))
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(**DEMO_SOLVER))
 

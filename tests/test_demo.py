@@ -90,3 +90,27 @@ def test_demo_defaults_are_one_source():
     assert demo.configs(_parse(demo, []))[DemoConfig] == cfg  # the command line's defaults, solver included
     yaml_file = str(root / "configs" / "demo.yaml")
     assert config_values(yaml_file, demo) and demo.configs(_parse(demo, ["--config", yaml_file]))[DemoConfig] == cfg
+
+
+def test_demo_defaults_are_the_comparisons_validation_choice():
+    """The demo runs exactly the setting benchmarks/frontier.py chose on validation by its stated rule, and the
+    committed demo report's preparations have the λ that the comparison's run of that setting had: the same
+    scenarios and the same rule (a demo whose λ rule drifted from the validated one would differ)."""
+    from pathlib import Path
+
+    from mmerase.demo import DemoConfig
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    rep = json.loads((root / "frontier.json").read_text())
+    choice, cfg = rep["demo_choice"], DemoConfig()
+    params = choice["params"]
+    assert (cfg.preparation, cfg.preparation_damping_scale) == (params["prepare"]["kind"],
+                                                                params["prepare"]["damping_scale"])
+    solver = {k: v for k, v in params.items() if k != "prepare"}
+    assert {k: getattr(cfg.solver, k) for k in solver} == solver
+    assert cfg.solver.refine_steps == choice["newton_steps"] - 1 and cfg.solver.batch_size == 128
+    demo = json.loads((root / "demo_report.json").read_text())
+    for task, adapter in (("rc", "corrupted-labels"), ("qm", "corrupted-images")):
+        trial = next(t for t in rep["scenarios"][f"digits-{task}"]["trials"] if t["params"] == params)
+        assert demo["preparations"][adapter]["damping"] == pytest.approx(trial["preparation_damping"], rel=1e-6)
+        assert demo["scenarios"][task]["damping"] == pytest.approx(trial["preparation_damping"], rel=1e-6)
