@@ -26,11 +26,15 @@ def _damping_text(solver: dict[str, Any]) -> str:
     return f"{solver['damping']:g}"
 
 
-def _solver_text(solver: dict[str, Any]) -> str:
+def _solver_text(solver: dict[str, Any], config: dict[str, Any]) -> str:
     steps = solver["refine_steps"]
     sub = solver.get("curvature_samples")
-    return (f"{solver['method']}, curvature {solver['curvature']}" + (f" over {sub} sampled pairs" if sub else "")
-            + f", damping {_damping_text(solver)}, refinement steps {steps}"
+    prep = config.get("preparation")
+    damping = (f"the preparation's λ ({config['preparation_damping_scale']:g} × the curvature's top eigenvalue)"
+               if prep and solver["damping"] == "auto" else _damping_text(solver))
+    return ((f"one {prep} preparation per corrupted adapter, then " if prep else "")
+            + f"solver {solver['method']}, curvature {solver['curvature']}" + (f" over {sub} sampled pairs" if sub else "")
+            + f", damping {damping}, refinement steps {steps}"
             + (f" ({solver.get('refine_damping')}-damped)" if steps else ""))
 
 
@@ -90,7 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["# mmerase demo: unlearning corrupted image-text pairs (tiny LLaVA, scikit-learn digits)", "",
              f"{s['train']} training pairs, {s['edits']} corrupted ({100 * c['corruption']:.0f}%), {s['test']} "
              f"held-out digits; base pre-trained on {s['pretrain']} other digits. Unlearning: "
-             f"{_solver_text(report['solver'])}.", ""]
+             f"{_solver_text(report['solver'], c)}.", ""]
     for task, sc in report["scenarios"].items():
         lines += _scenario_lines(task, sc)
     lines += _goal_lines(report)
