@@ -5,9 +5,13 @@
 On the tiny-llava and tiny-llama presets it runs, through ``mmerase.cli.main`` exactly as a user would:
 finetune → unlearn with every solver (cg, stochastic, lissa, dense on a LoRA small enough for it, prepared), every
 curvature, damping auto and fixed, two refinement steps of each mode, ``prepare`` of every kind and
-``unlearn --prepared``, ``generate``, ``eval unlearning``, an NF4 (4-bit) base, and ``mmerase demo --quick``.
-The default unlearning (and a few other cases) also runs on the CPU from the same files: the two adapters' δ must
-agree (float64 on both; random draws come from CPU generators, so both devices see the same mini-batches).
+``unlearn --prepared``, every other unlearning method (``--method finetune / ga / graddiff / npo / kl``),
+``generate``, ``eval unlearning``, an NF4 (4-bit) base, and ``mmerase demo --quick``. On each other family's tiny
+preset (LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): finetune → unlearn (remove, correct, modify
+with a new image of another size) → generate, on images of several sizes in both data formats.
+The default unlearning (and a few other cases, every family's included) also runs on the CPU from the same files:
+the two adapters' δ must agree (float64 on both; random draws come from CPU generators, so both devices see the
+same mini-batches).
 
 Each case records ok / failed (with the error's last line) and seconds; the summary goes to ``OUT/gpu_smoke.json``
 and ``OUT/gpu_smoke.md`` with the card and package versions, and the exit status is 1 when any case failed.
@@ -38,6 +42,10 @@ import torch
 #: δ on the card vs δ on the CPU (float64 on both): relative difference allowed
 DELTA_TOL = 1e-6
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: the vision-language families beside LLaVA-1.5, by tiny preset
+FAMILIES = ("tiny-llava-next", "tiny-llava-onevision", "tiny-qwen2-vl", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
+#: (width, height) of the family data's images: every family sees images of different sizes in one batch
+SIZES = [(28, 28), (56, 28), (28, 48), (40, 40), (36, 56), (48, 32)]
 
 
 def _write_data(root: Path) -> dict[str, Path]:
@@ -55,6 +63,10 @@ def _write_data(root: Path) -> dict[str, Path]:
     edits = [{"op": "remove", "id": "q0"}, {"op": "correct", "id": "q1", "response": "uno"},
              {"op": "modify", "id": "q2", "query": "Spell two, please"}]
     (root / "text_edits.jsonl").write_text("".join(json.dumps(e) + "\n" for e in edits), encoding="utf-8")
+    retrain = [dict(r, conversations=[r["conversations"][0], {"from": "gpt", "value": "uno"}]) if r["id"] == "q1" else
+               dict(r, conversations=[{"from": "human", "value": "Spell two, please"}, r["conversations"][1]])
+               if r["id"] == "q2" else r for r in text[1:]]  # the edits applied: what retraining trains on
+    (root / "text_retrain.json").write_text(json.dumps(retrain), encoding="utf-8")
     images = []
     (root / "images").mkdir(exist_ok=True)
     for sample in digit_samples(range(24)):  # records point at image files, as a user's data set does
@@ -65,8 +77,34 @@ def _write_data(root: Path) -> dict[str, Path]:
                  {"op": "correct", "id": images[1].id, "response": "nine"}]
     (root / "digits_edits.jsonl").write_text("".join(json.dumps(e) + "\n" for e in img_edits), encoding="utf-8")
     return {"text": root / "text.json", "text_edits": root / "text_edits.jsonl", "text_test": root / "text_test.json",
-            "text_forget": root / "text_forget.json", "digits": root / "digits.json",
-            "digits_edits": root / "digits_edits.jsonl"}
+            "text_forget": root / "text_forget.json", "text_retrain": root / "text_retrain.json", "digits": root / "digits.json",
+            "digits_edits": root / "digits_edits.jsonl", **_write_family_data(root / "family")}
+
+
+def _write_family_data(root: Path) -> dict[str, Path]:
+    """Digit images of six sizes in LLaVA ``conversations`` and ``messages`` records, and edits whose modify brings
+    a new image of another size (the number of vision tokens changes)."""
+    from PIL import Image
+
+    from mmerase.data import digit_images
+
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    images, labels = digit_images(16, 13)
+    for i, (image, label) in enumerate(zip(images[:12], labels)):
+        name, size = f"img/{i}.png", SIZES[i % len(SIZES)]
+        image.resize(size, Image.NEAREST).save(root / name)
+        rows.append({"id": f"d{i}", "messages": [
+            {"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": "What digit?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": WORDS[label]}]}]} if i % 2 else
+            {"id": f"d{i}", "image": name, "conversations": [{"from": "human", "value": "<image>\nWhat digit?"},
+                                                            {"from": "gpt", "value": WORDS[label]}]})
+    images[12].resize((56, 44), Image.NEAREST).save(root / "img" / "new.png")  # d3's image is 40×40
+    (root / "train.json").write_text(json.dumps(rows), encoding="utf-8")
+    edits = [{"op": "remove", "id": "d1"}, {"op": "correct", "id": "d2", "response": "nine"},
+             {"op": "modify", "id": "d3", "image": "img/new.png"}]
+    (root / "edits.jsonl").write_text("".join(json.dumps(e) + "\n" for e in edits), encoding="utf-8")
+    return {"family": root / "train.json", "family_edits": root / "edits.jsonl"}
 
 
 class Smoke:
@@ -131,7 +169,7 @@ def _model_cases(s: Smoke, data: dict[str, Path], model: str) -> None:
                                               "--epochs", 2, "--lora-r", 4))
     s.case(f"{kind}: finetune tiny LoRA", lambda: s.cli(
         "finetune", *common, "--device", dev, "--data", train, "--out", tiny, "--epochs", 2, "--lora-r", 1,
-        "--lora-targets", r".*\.q_proj"))
+        "--lora-targets", r".*layers\.1\.self_attn\.q_proj"))
     un = ["unlearn", *common, "--adapter", adapter, "--data", train, "--edits", edits, "--max-steps", 60]
 
     def default_on_both() -> dict[str, Any]:
@@ -160,6 +198,7 @@ def _model_cases(s: Smoke, data: dict[str, Path], model: str) -> None:
         s.case(f"{kind}: 2 refinement steps, {mode}", lambda m=mode: s.cli(
             *un, "--device", dev, "--refine-steps", 2, "--refine-damping", m, "--out", w / f"refine-{m}"))
     _prepare_cases(s, common, adapter, train, edits, w, kind)
+    _method_cases(s, common, adapter, train, edits, w, kind)
     s.case(f"{kind}: generate", lambda: s.cli("generate", *common, "--device", dev, "--adapter", adapter,
                                               "--data", train, "--out", w / "answers.jsonl", "--max-new-tokens", 4))
 
@@ -185,12 +224,50 @@ def _prepare_cases(s: Smoke, common: list, adapter: Path, train: Path, edits: Pa
         *un, "--device", dev, "--solver", "prepared", "--prepared", w / "prep-lowrank", "--out", w / "one-step"))
 
 
+def _method_cases(s: Smoke, common: list, adapter: Path, train: Path, edits: Path, w: Path, kind: str) -> None:
+    """The other unlearning methods, each on a budget of 200 sample passes, about four retrainings of these tiny sets (the fine-tune: cuda = cpu)."""
+    un = ["unlearn", *common, "--adapter", adapter, "--data", train, "--edits", edits, "--budget", 200]
+
+    def finetune_on_both() -> dict[str, Any]:
+        s.cli(*un, "--method", "finetune", "--device", s.device, "--out", w / "m-finetune")
+        s.cli(*un, "--method", "finetune", "--device", "cpu", "--out", w / "m-finetune-cpu")
+        return compare_deltas(adapter, w / "m-finetune", w / "m-finetune-cpu")
+
+    s.case(f"{kind}: --method finetune, cuda = cpu", finetune_on_both)
+    for method, extra in (("ga", []), ("graddiff", []), ("npo", ["--npo-retain"]), ("kl", [])):
+        s.case(f"{kind}: --method {method}", lambda m=method, x=extra: s.cli(
+            *un, "--method", m, *x, "--device", s.device, "--out", w / f"m-{m}"))
+
+
+def _family_cases(s: Smoke, data: dict[str, Path]) -> None:
+    """Each other vision-language family: finetune → unlearn (δ on the card = δ on the CPU) → generate."""
+    for preset in FAMILIES:
+        w = s.work / preset
+        common = ["--base", preset, "--dtype", "float64", "--no-progress", "--data", data["family"]]
+        un = ["unlearn", *common, "--adapter", w / "adapter", "--edits", data["family_edits"], "--max-steps", 60]
+
+        def run(w=w, common=common, un=un) -> dict[str, Any]:
+            s.cli("finetune", *common, "--device", s.device, "--out", w / "adapter", "--epochs", 2, "--lora-r", 2,
+                  "--batch-size", 4)
+            s.cli(*un, "--device", s.device, "--out", w / "unlearned")
+            s.cli(*un, "--device", "cpu", "--out", w / "unlearned-cpu")
+            s.cli("generate", *common, "--device", s.device, "--adapter", w / "unlearned", "--out",
+                  w / "answers.jsonl", "--batch-size", 3, "--max-new-tokens", 4)
+            return compare_deltas(w / "adapter", w / "unlearned", w / "unlearned-cpu")
+
+        s.case(f"{preset}: finetune → unlearn (remove, correct, modify: new image of another size) → generate, "
+               "cuda = cpu", run)
+
+
 def _other_cases(s: Smoke, data: dict[str, Path]) -> None:
     w, dev = s.work / "llama", s.device
 
     def evaluate() -> None:
-        s.cli("eval", "unlearning", "--base", "tiny-llama", "--device", dev,
-              "--adapters", f"corrupted={w / 'adapter'}", f"unlearned={w / 'default'}",
+        s.cli("finetune", "--base", "tiny-llama", "--dtype", "float64", "--no-progress", "--device", dev, "--data",
+              data["text_retrain"], "--out", w / "retrained", "--epochs", 2, "--lora-r", 4)
+        s.cli("eval", "unlearning", "--base", "tiny-llama", "--device", dev, "--retrained", "retrained",
+              "--adapters", f"corrupted={w / 'adapter'}", f"retrained={w / 'retrained'}",
+              f"unlearned={w / 'default'}",
               "--splits", f"forget={data['text_forget']}", f"test={data['text_test']}",
               "--corrupted", "corrupted", "--max-new-tokens", 4, "--out", s.work / "eval-unlearning")
 
@@ -273,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     data = _write_data(s.work / "data")
     for model in ("tiny-llama", "tiny-llava"):
         _model_cases(s, data, model)
+    _family_cases(s, data)
     _other_cases(s, data)
     rep = report(s, time.perf_counter() - t0)
     print(f"[gpu-smoke] {len(s.rows)} cases, {rep['failed']} failed, {rep['skipped']} skipped, {rep['seconds']} s "
