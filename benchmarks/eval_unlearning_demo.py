@@ -10,15 +10,14 @@ Takes a finished ``mmerase demo`` folder, writes the evaluation splits into it (
 then runs ``mmerase eval unlearning`` once per scenario (the exact command lines are written to the report) into
 ``<out>/<task>/`` and writes ``<out>.md`` with the commands and each scenario's table.
 
-    PYTHONPATH=$PWD python -m mmerase demo --quick --out /tmp/evaldemo --refine-steps 2
-    PYTHONPATH=$PWD python benchmarks/eval_unlearning_demo.py --demo /tmp/evaldemo
+    mmerase demo --out /tmp/mmerase-demo
+    python benchmarks/eval_unlearning_demo.py --demo /tmp/mmerase-demo
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import shlex
 import subprocess
 import sys
@@ -28,18 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def demo_test_indices(demo: Path) -> list[int]:
-    """The demo's test digits: its configuration's sizes and seed, its split rule (one seeded shuffle of all
-    digits: pre-training, training, test), checked against the training ids in ``data/train_clean.json``."""
-    from mmerase.data import digit_images, load_dataset
+    """The demo's test digits: its configuration's sizes and seed through the scenarios' own split rule
+    (:func:`mmerase.scenarios.digit_split`), checked against the training ids in ``data/train_clean.json``."""
+    from mmerase.data import load_dataset
+    from mmerase.scenarios import ScenarioConfig, digit_split
 
     cfg = json.loads((demo / "report.json").read_text())["config"]
-    order = list(range(len(digit_images()[0])))
-    random.Random(cfg["seed"]).shuffle(order)
-    a, b = cfg["n_pretrain"], cfg["n_pretrain"] + cfg["n_train"]
+    sizes = ScenarioConfig(seed=cfg["seed"], n_pretrain=cfg["n_pretrain"], n_train=cfg["n_train"],
+                           n_test=cfg["n_test"])
+    _, train_idx, test_idx = digit_split(sizes)
     train_ids = [s.id for s in load_dataset(demo / "data" / "train_clean.json")]
-    if train_ids != [f"digit-{i}" for i in order[a:b]]:
+    if train_ids != [f"digit-{i}" for i in train_idx]:
         raise SystemExit(f"{demo}: the training ids do not follow the demo's split rule; cannot rebuild its test set")
-    return order[b:b + cfg["n_test"]]
+    return test_idx
 
 
 def write_splits(demo: Path, tasks: list[str]) -> dict[str, Path]:
@@ -80,8 +80,9 @@ def main() -> None:
     splits = write_splits(args.demo, args.tasks)
     cfg = json.loads((args.demo / "report.json").read_text())["config"]
     lines = ["# `mmerase eval unlearning` on the demo's scenarios", "",
-             f"Demo folder made by `mmerase demo{' --quick' if cfg['quick'] else ''} --refine-steps "
-             f"{cfg['refine_steps']}` (seed {cfg['seed']}; {cfg['n_train']} training pairs, "
+             f"Demo folder made by `mmerase demo{' --quick' if cfg['quick'] else ''} --out {args.demo}` "
+             f"(its defaults: {cfg['preparation'] or 'no'} preparation, {cfg['solver']['refine_steps']} refinement "
+             f"steps; seed {cfg['seed']}; {cfg['n_train']} training pairs, "
              f"{round(cfg['corruption'] * cfg['n_train'])} corrupted, {cfg['n_test']} held-out test digits). "
              "Forget split = the corrupted pairs as trained; held-out = the demo's test digits. Splits written by",
              "", "```bash", f"PYTHONPATH=$PWD python benchmarks/eval_unlearning_demo.py --demo {args.demo}", "```", ""]
