@@ -20,7 +20,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,8 +219,12 @@ CORRUPTED = {"rc": "corrupted-labels", "ir": "corrupted-labels", "qm": "corrupte
 RETRAINED = {"rc": "retrained-clean", "qm": "retrained-clean", "ir": "retrained-removed"}
 
 
-def build_scenarios(root: Path, cfg: ScenarioConfig) -> Scenarios:
-    """Pre-train the base, write the data and edits files, train the corrupted and retrained adapters."""
+def build_scenarios(root: Path, cfg: ScenarioConfig, extra_train: Sequence[Sample] = ()) -> Scenarios:
+    """Pre-train the base, write the data and edits files, train the corrupted and retrained adapters.
+
+    ``extra_train``: clean image-text samples (in-memory images, ids unique) appended to the training set after the
+    digits of the split. They are never corrupted, so the edits stay the same while the training set grows (how
+    the benchmarks measure a fixed request against larger fine-tunes)."""
     pre_idx, train_idx, test_idx = digit_split(cfg)
     images, targets = digit_images()
     rng = random.Random(cfg.seed + 1)
@@ -237,14 +241,14 @@ def build_scenarios(root: Path, cfg: ScenarioConfig) -> Scenarios:
         base = pretrain_base(root / "base", digit_samples(pre_idx, prefix="pre-"), cfg)
 
     data_dir = root / "data"
-    clean = digit_samples(train_idx)
+    clean = digit_samples(train_idx) + list(extra_train)
     test = (digit_samples(test_idx, prefix="test-"), [targets[i] for i in test_idx])
     val_idx = validation_split(cfg)
     validation = (digit_samples(val_idx, prefix="val-"), [targets[i] for i in val_idx])
     # image files, so that datasets and edits are real files a user can replay with the CLI
     img_dir = data_dir / "images"
     img_dir.mkdir(parents=True)
-    for s, i in zip(clean, train_idx):
+    for s in clean:
         s.image.save(img_dir / f"{s.id}.png")
     files = {s.id: img_dir / f"{s.id}.png" for s in clean}
     clean = [dataclasses.replace(s, image=None, image_path=files[s.id]) for s in clean]
@@ -281,7 +285,7 @@ def build_scenarios(root: Path, cfg: ScenarioConfig) -> Scenarios:
             cpu[name] = time.process_time() - t_cpu
     return Scenarios(root, base, data_dir, adapters, clean, corrupted_rc, bad, bad_ids, wrong_label,
                      [targets[train_idx[k]] for k in bad], test, validation,
-                     {"pretrain": len(pre_idx), "train": len(train_idx), "test": len(test_idx),
+                     {"pretrain": len(pre_idx), "train": len(clean), "test": len(test_idx),
                       "validation": len(val_idx), "edits": len(bad)}, timings, cpu)
 
 
