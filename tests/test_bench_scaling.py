@@ -47,10 +47,14 @@ def test_reported_points_follow_from_the_trials(scaling):
         influence = size["trials"][0]
         assert influence["method"] == "influence" and influence["error"] is None
         assert [p["step"] for p in influence["points"]] == list(range(1, len(influence["points"]) + 1))
-        goal = size["influence_at_goal"]
-        first = next((p for p in influence["points"] if (p["recovery_validation_acc"] or -1) >= mod.GOAL), None)
-        assert goal == first
+        goal = mod.cheapest_at_goal(influence)
+        reached = [p for p in influence["points"] if p["recovery_edited_loss"] >= mod.GOAL]
+        assert goal is (reached[0] if reached else None)
         for budget, p in size["chosen"].get("finetune", {}).items():
             assert p["fraction"] <= float(budget) + 1e-9
+    # the cost fit passes through the points when there are two sizes
+    a, b = mod.cost_fit(rep)
+    for size in rep["sizes"]:
+        assert a + b * size["n"] == pytest.approx(size["trials"][0]["points"][-1]["sample_passes"])
     text = (out / "scaling.md").read_text()
     assert all(f"| {n} |" in text for n in SIZES) and (out / "scaling.png").stat().st_size > 0
