@@ -1,6 +1,8 @@
 """Recovery against compute: every unlearning method at budgets of one retraining's compute, tuned on validation.
 
     python benchmarks/frontier.py [--smoke] [--out DIR] [--work DIR] [--resume] [--report-only FILE]
+                                  [--seed N] [--methods a,b] [--scenarios digits-rc,...]
+    python benchmarks/frontier.py --spread RUN.json ... --out DIR     # spread over runs of several seeds
 
 Scenarios: the demo's three digits scenarios (RC, QM, IR on the tiny LLaVA, :mod:`mmerase.scenarios`) and one
 text-only scenario (a tiny Llama that spells numbers, RC). Methods: influence and every baseline of
@@ -231,7 +233,7 @@ def run_trial(sc: Scenario, method: str, params: dict[str, Any], seed: int) -> d
 def choose(sc: Scenario, trials: list[dict[str, Any]], retrain: dict[str, float]) -> dict[str, Any]:
     """Per method and budget: the trial whose last checkpoint within the budget scores best on validation."""
     out: dict[str, Any] = {}
-    for method in METHODS:
+    for method in (m for m in METHODS if any(t["method"] == m for t in trials)):
         per_budget = {}
         for budget in BUDGETS + (INFLUENCE_EXTRA if method == "influence" else ()):
             best = None
@@ -280,16 +282,19 @@ def choose_demo(report: dict[str, Any]) -> dict[str, Any] | None:
     return best
 
 
-def build(work: Path, smoke: bool, seed: int) -> dict[str, tuple[Any, Any]]:
-    """The scenarios' files (built once into ``work``, reused by --resume)."""
+def build(work: Path, smoke: bool, seed: int, names: set[str] | None = None) -> dict[str, tuple[Any, Any]]:
+    """The scenarios' files (built once into ``work``, reused by --resume); ``names``: only these scenarios."""
     import pickle
 
     out = {}
+    digit_tasks = tuple(t for t in (("rc",) if smoke else ("rc", "qm", "ir"))
+                        if names is None or f"digits-{t}" in names)
     for kind, cfg, builder in (("digits", ScenarioConfig(seed=seed, quick=smoke, device="cpu", progress=False,
-                                                     tasks=("rc",) if smoke else ("rc", "qm", "ir")),
-                                build_scenarios),
+                                                     tasks=digit_tasks or ("rc",)), build_scenarios),
                                ("spell", SpellConfig(seed=seed, quick=smoke, device="cpu", progress=False,
                                                      tasks=("rc",)), build_spell_scenarios)):
+        if names is not None and not any(f"{kind}-{t}" in names for t in cfg.tasks):
+            continue
         root, pick = work / f"{kind}-seed{seed}", work / f"{kind}-seed{seed}.pkl"
         if pick.is_file():
             files = pickle.loads(pick.read_bytes())
@@ -304,10 +309,11 @@ def build(work: Path, smoke: bool, seed: int) -> dict[str, tuple[Any, Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     partial = args.out / "frontier.partial.json"
     report = json.loads(partial.read_text()) if args.resume and partial.is_file() else {
-        "config": {"budgets": BUDGETS, "influence_extra": INFLUENCE_EXTRA, "trials": trials_for(args.smoke),
+        "config": {"budgets": BUDGETS, "influence_extra": INFLUENCE_EXTRA,
+                   "trials": {m: t for m, t in trials_for(args.smoke).items() if m in args.methods},
                    "smoke": args.smoke,
                    "seed": args.seed, "threads": torch.get_num_threads()}, "scenarios": {}}
-    for name, (files, task, cfg) in build(args.work, args.smoke, args.seed).items():
+    for name, (files, task, cfg) in build(args.work, args.smoke, args.seed, args.scenarios).items():
         with stage(f"scenario {name}: references"):
             sc = Scenario(name, files, task, cfg)
         rep = report["scenarios"].setdefault(name, {"trials": []})
@@ -315,7 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if "retraining" not in rep:
             rep["retraining"] = measure_retraining(sc, args.work)
         done = {(t["method"], json.dumps(t["params"], sort_keys=True)) for t in rep["trials"]}
-        for method in METHODS:
+        for method in report["config"]["trials"]:
             for params in report["config"]["trials"][method]:
                 if (method, json.dumps(params, sort_keys=True)) in done:
                     continue
@@ -366,6 +372,41 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cell_values(reports: list[dict[str, Any]], name: str, method: str, budget: str) -> list[float] | None:
+    """The chosen cell's metric (test recovery; IR: forget-loss distance) in each run, or None if a run lacks it."""
+    key = "forget_loss_rel_diff" if name.endswith("-ir") else "recovery_test_acc"
+    values = []
+    for rep in reports:
+        p = rep["scenarios"].get(name, {}).get("chosen", {}).get(method, {}).get(budget)
+        if p is None or p.get(key) is None:
+            return None
+        values.append(p[key])
+    return values
+
+
+def spread_markdown(reports: list[dict[str, Any]]) -> str:
+    """Per scenario, method and budget: mean (min–max) of the chosen cell over the runs (one per seed)."""
+    seeds = [r["config"]["seed"] for r in reports]
+    names = [n for n in reports[0]["scenarios"] if all(n in r["scenarios"] for r in reports)]
+    lines = ["# Recovery against compute over seeds", "", f"Runs of `frontier.py` with seeds {seeds}; each cell: "
+             "mean (min – max) over the seeds of the trial chosen on validation at that budget, read on test.", ""]
+    for name in names:
+        columns = [str(b) for b in reports[0]["config"]["budgets"]] + \
+            [str(b) for b in reports[0]["config"].get("influence_extra", ())]
+        what = "forget loss, relative distance to retrained's" if name.endswith("-ir") else "test-accuracy recovery"
+        lines += [f"## {name} ({what})", "", "| method | " + " | ".join(f"≤ {100 * float(b):g}%" for b in columns)
+                  + " |", "|---|" + "---|" * len(columns)]
+        for method in [m for m in reports[0]["scenarios"][name]["chosen"]
+                       if all(m in r["scenarios"][name]["chosen"] for r in reports)]:  # methods every run has
+            cells = []
+            for b in columns:
+                v = cell_values(reports, name, method, b)
+                cells.append("" if v is None else f"{sum(v) / len(v):.2f} ({min(v):.2f} – {max(v):.2f})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -403,8 +444,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the scenarios and the methods")
     p.add_argument("--resume", action="store_true", help="continue from OUT/frontier.partial.json")
     p.add_argument("--report-only", type=Path, default=None, help="re-render the tables and plot from a JSON")
+    p.add_argument("--methods", default=",".join(METHODS), help="only these methods (comma-separated)")
+    p.add_argument("--scenarios", default=None, help="only these scenarios, e.g. digits-rc,digits-qm (default: all)")
+    p.add_argument("--spread", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="write OUT/frontier_seeds.md: each cell's spread over these runs (one per seed)")
     args = p.parse_args(argv)
+    args.methods = [m for m in METHODS if m in args.methods.split(",")]
+    args.scenarios = set(args.scenarios.split(",")) if args.scenarios else None
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.spread:
+        reports = [json.loads(path.read_text()) for path in args.spread]
+        (args.out / "frontier_seeds.md").write_text(spread_markdown(reports), encoding="utf-8")
+        return 0
     if args.report_only:
         report = json.loads(args.report_only.read_text())
         report["demo_choice"] = choose_demo(report)

@@ -68,3 +68,33 @@ def test_report_and_plot(frontier):
     md = (out / "frontier.md").read_text()
     assert "## digits-rc" in md and "## spell-rc" in md and "| influence |" in md
     assert (out / "frontier.png").stat().st_size > 10_000 and not (out / "frontier.partial.json").exists()
+
+
+def _module():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "frontier.py"
+    spec = importlib.util.spec_from_file_location("bench_frontier_spread", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(seed: int, rc: dict, ir: float | None) -> dict:
+    chosen_ir = {"influence": {"10.0": {"forget_loss_rel_diff": ir}}} if ir is not None else {"influence": {}}
+    return {"config": {"seed": seed, "budgets": [0.1, 1.0], "influence_extra": [10.0]},
+            "scenarios": {"digits-rc": {"chosen": {m: {b: {"recovery_test_acc": v} for b, v in per.items()}
+                                                   for m, per in rc.items()}},
+                          "digits-ir": {"chosen": chosen_ir}}}
+
+
+def test_spread_over_seeds_is_mean_min_max_of_each_chosen_cell():
+    """--spread: each cell is mean (min – max) over the runs; a cell missing in any run stays empty."""
+    mod = _module()
+    runs = [_run(0, {"finetune": {"0.1": 0.2, "1.0": 1.3}, "influence": {"10.0": 0.6}}, 0.05),
+            _run(1, {"finetune": {"0.1": 0.4, "1.0": 0.7}, "influence": {"10.0": 0.9}}, 0.15),
+            _run(2, {"finetune": {"0.1": 0.0}, "influence": {"10.0": 0.9}}, None)]
+    text = mod.spread_markdown(runs)
+    assert "seeds [0, 1, 2]" in text
+    assert "| finetune | 0.20 (0.00 – 0.40) |  |  |" in text  # the 100% cell is missing in seed 2's run
+    assert "| influence |  |  | 0.80 (0.60 – 0.90) |" in text
+    assert "| influence |  |  |  |" in text  # IR: seed 2 has no point at 1000%
+    assert mod.spread_markdown(runs[:2]).count("| influence |  |  | 0.10 (0.05 – 0.15) |") == 1
