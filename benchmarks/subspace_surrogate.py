@@ -1,0 +1,243 @@
+"""A refinement whose cost does not grow with the training set, measured (an experiment, not a library setting).
+
+    python benchmarks/subspace_surrogate.py [--sizes 500,4000] [--out DIR] [--work DIR]
+
+The library's refinement (``refine_steps``) passes over the whole training set at every Newton step, so its cost
+grows with n (``scaling.md``: ≈ 9981 + 31·n sample passes). This experiment replaces the training term of the
+edited objective by a quadratic model whose curvature comes from a fixed random sub-sample S of the training set
+and keeps the edited samples exact:
+
+    S(x) = ½ xᵀ(H_S + λI)x − g_oldᵀx + (1/n) Σ_E L(z_new; θ̂ + x)
+
+(g_old = (1/n) Σ_E ∇L(z_old; θ̂): the old samples' loss cancels exactly between the training term and the edit
+term, so only their gradient at θ̂ remains). x is restricted to a subspace grown by one direction per step — the
+EK-FAC-preconditioned gradient of S (preparation from 128 samples) — with H_S products stored, so the quadratic
+term is exact on the subspace. The first ``r0`` directions are a preconditioned Krylov solve of the plain influence
+update; each later step re-linearises the new samples at x, solves the Galerkin system and line-searches S on the
+new samples. Per step: one H_S product (|S| samples), one gradient of the new samples, a few forwards of them —
+nothing over the other n samples. Costs are counted by :class:`mmerase.methods.accounting.PassCounter` as every
+method's are; scoring (held-out accuracy, edited-set loss, KL to the retrained adapter) as ``frontier.py`` does.
+
+Sizes: the demo's digits RC (n = 500, ``frontier.py``'s scenario files) and the scaling scenario (the same 100
+corrections among n = 4000 pairs, ``scaling.py``'s). Trials: |S| = 128, λ ∈ {the preparation's auto λ (0.003 ×
+top eigenvalue), 0.1, 0.2}; 10 Krylov directions then 5 steps. Outputs ``subspace_surrogate.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from frontier import Scenario, engine_for, measure_retraining  # noqa: E402
+from scaling import extra_samples  # noqa: E402
+
+from mmerase.demo import preparation_settings  # noqa: E402
+from mmerase.influence import vectors as V  # noqa: E402
+from mmerase.methods.accounting import PassCounter  # noqa: E402
+from mmerase.prepare import prepare  # noqa: E402
+from mmerase.record import machine, versions, write_json  # noqa: E402
+from mmerase.scenarios import ScenarioConfig, build_scenarios, stage  # noqa: E402
+
+NAME = "subspace_surrogate"
+TRIALS = [{"s": 128, "damping": "auto"}, {"s": 128, "damping": 0.1}, {"s": 128, "damping": 0.2}]
+KRYLOV, STEPS, PREP_SAMPLES, BATCH = 10, 5, 128, 128
+
+
+class Surrogate:
+    """S(x) on one scenario's corrupted adapter: the stored subspace, its H_S products and the edited samples."""
+
+    def __init__(self, engine: Any, edits: list, s: int, damping: float | str, seed: int) -> None:
+        self.engine, self.n = engine, engine.n
+        solver, pc = preparation_settings("ekfac", 3e-3, "ggn", seed, False, damping)
+        pc.samples, pc.probes = PREP_SAMPLES, 0
+        pre = prepare(engine, solver, pc).preconditioner
+        self.precondition, self.damping = pre.apply, pre.damping
+        self.subset = engine.subset(s if s < self.n else None, seed + 5)
+        self.saved = [p.detach().clone() for p in engine.params]
+        self.new = [e.new for e in edits if e.new is not None]
+        old = [e.old for e in edits if e.old is not None]
+        with engine.inference_mode():
+            self.g_old = V.scale(1 / self.n, engine.gradient_sum(old, BATCH)) if old else V.zeros_like(self.saved)
+        self.basis: list[torch.Tensor] = []  # orthonormal, flat
+        self.products: list[torch.Tensor] = []  # (H_S + λI) basis
+
+    def extend(self, d: V.Vec) -> None:
+        """Add d (orthogonalised) to the subspace with its product."""
+        f = V.flatten(d)
+        for q in self.basis:
+            f = f - (q @ f) * q
+        if float(f.norm()) < 1e-12:
+            return
+        f = f / f.norm()
+        self.engine.set_parameters(self.saved, None)
+        v = V.unflatten(f, self.saved)
+        hv = V.axpy(self.damping, v, self.engine.product(v, "ggn", self.subset, BATCH))
+        self.basis.append(f)
+        self.products.append(V.flatten(hv))
+
+    def galerkin(self, rhs: V.Vec) -> V.Vec:
+        """argmin over the subspace of ½yᵀ(H_S + λI)y − rhsᵀy."""
+        q, aq = torch.stack(self.basis), torch.stack(self.products)
+        t = q @ aq.T
+        c = torch.linalg.solve((0.5 * (t + t.T)).double(), (q @ V.flatten(rhs)).double()).to(q.dtype)
+        return V.unflatten(q.T @ c, self.saved)
+
+    def curvature_times(self, x: V.Vec) -> V.Vec:
+        """(H_S + λI) x for x in the subspace."""
+        q, aq = torch.stack(self.basis), torch.stack(self.products)
+        return V.unflatten(aq.T @ (q @ V.flatten(x)), self.saved)
+
+    def new_gradient(self, x: V.Vec) -> V.Vec:
+        self.engine.set_parameters(self.saved, x)
+        if not self.new:
+            return V.zeros_like(self.saved)
+        with self.engine.inference_mode():
+            return V.scale(1 / self.n, self.engine.gradient_sum(self.new, BATCH))
+
+    def value(self, x: V.Vec) -> float:
+        self.engine.set_parameters(self.saved, x)
+        new = 0.0
+        if self.new:
+            with torch.no_grad(), self.engine.inference_mode():
+                new = self.engine.loss_sum(self.new, BATCH) / self.n
+        return 0.5 * V.dot(x, self.curvature_times(x)) - V.dot(self.g_old, x) + new
+
+    def step(self, x: V.Vec) -> V.Vec:
+        """Grow the subspace by the preconditioned gradient of S at x, solve the re-linearised Galerkin system,
+        line-search S between x and its solution."""
+        rhs = V.sub(self.g_old, self.new_gradient(x))
+        self.extend(self.precondition(V.sub(self.curvature_times(x), rhs)))
+        y = self.galerkin(rhs)
+        f_x, t = self.value(x), 1.0
+        while t >= 1 / 16:
+            trial = V.axpy(t, V.sub(y, x), x)
+            if self.value(trial) < f_x:
+                return trial
+            t /= 2
+        return x
+
+    def krylov(self) -> V.Vec:
+        """The plain influence update solved on the sub-sampled curvature in KRYLOV preconditioned directions."""
+        rhs = V.sub(self.g_old, self.new_gradient(V.zeros_like(self.saved)))
+        residual = rhs
+        for _ in range(KRYLOV):
+            self.extend(self.precondition(residual))
+            y = self.galerkin(rhs)
+            residual = V.sub(rhs, self.curvature_times(y))
+        return y
+
+
+def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Every step's cost (passes, CPU; scoring excluded) and score."""
+    torch.manual_seed(seed)
+    bundle, engine = engine_for(sc, "influence")
+    points, t_cpu, scoring = [], time.process_time(), 0.0
+    with PassCounter(engine.model) as counted:
+        sur = Surrogate(engine, [r.edit for r in sc.requests], trial["s"], trial["damping"], seed)
+        x = sur.krylov()
+        for step in range(1, STEPS + 2):
+            if step > 1:
+                x = sur.step(x)
+            before, c0 = (counted.forward, counted.backward), time.process_time()
+            passes = (before[0] + 2 * before[1]) / 3
+            engine.set_parameters(sur.saved, x)
+            points.append({"step": step, "sample_passes": passes, "fraction": passes / sc.retrain_passes,
+                           "cpu_s": c0 - t_cpu - scoring, **sc.score(bundle)})
+            counted.forward, counted.backward = before
+            scoring += time.process_time() - c0
+    engine.set_parameters(sur.saved, None)
+    return {"params": trial, "damping": sur.damping, "points": points}
+
+
+def scenario(n: int, work: Path, seed: int) -> Scenario:
+    """The demo's digits RC at n = 500, the scaling scenario's above (built once into ``work``)."""
+    cfg = ScenarioConfig(seed=seed, device="cpu", progress=False, tasks=("rc",))
+    pick = work / f"n{n}.pkl"
+    if pick.is_file():
+        files = pickle.loads(pick.read_bytes())
+    else:
+        with stage(f"n = {n}: scenario"):
+            files = build_scenarios(work / f"n{n}", cfg, extra_samples(cfg, n) if n > 500 else ())
+        pick.write_bytes(pickle.dumps(files))
+    return Scenario(f"digits-rc-n{n}", files, "rc", cfg)
+
+
+def _cell(p: dict[str, Any]) -> str:
+    rec = "—" if p["recovery_test_acc"] is None else f"{p['recovery_test_acc']:.2f}"
+    val = "—" if p["recovery_validation_acc"] is None else f"{p['recovery_validation_acc']:.2f}"
+    return (f"{val} · {rec} · {p['recovery_edited_loss']:.2f} · {p['row']['kl_validation']:.3f} · "
+            f"{p['row']['kl_test']:.3f} · {p['fraction']:.3f}")
+
+
+def render(report: dict[str, Any], out: Path) -> None:
+    scaling_json = Path(__file__).resolve().parent / "scaling.json"
+    finetune = {s["n"]: s["chosen"].get("finetune", {}) for s in json.loads(scaling_json.read_text())["sizes"]}
+    lines = [f"# A refinement whose cost does not grow with n (`{NAME}.py`, an experiment)", "",
+             f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores); torch "
+             f"{report['versions'].get('torch')}, transformers {report['versions'].get('transformers')}; seed "
+             f"{report['seed']}; {report['date']}; {report['seconds'] / 60:.0f} min. Digits RC (100 corrected "
+             f"answers); {KRYLOV} preconditioned Krylov directions, then {STEPS} re-linearised steps.", "",
+             "Cell: validation-accuracy recovery · test-accuracy recovery · edited-loss recovery · KL to retrained "
+             "on validation · on test · sample passes as a fraction of one retraining.", ""]
+    for size in report["sizes"]:
+        rows = size["rows"]
+        lines += [f"## n = {size['n']} (one retraining {size['retrain_passes']} passes, {size['retraining']['cpu_s']:.1f} "
+                  f"CPU s; corrupted adapter: KL to retrained {rows['corrupted']['kl_validation']:.3f} / "
+                  f"{rows['corrupted']['kl_test']:.3f})", "",
+                  "| trial (S, λ) | λ used | " + " | ".join(f"step {k}" for k in range(1, STEPS + 2)) + " |",
+                  "|---|---|" + "---|" * (STEPS + 1)]
+        for t in size["trials"]:
+            lines.append(f"| {t['params']['s']} samples, λ {t['params']['damping']} | {t['damping']:.3g} | "
+                         + " | ".join(_cell(p) for p in t["points"]) + " |")
+        ft = finetune.get(size["n"], {})
+        if ft:
+            lines += ["", "The tuned warm-started fine-tune on the same scenario (`scaling.json`, learning rate chosen "
+                      "per budget on validation): " + "; ".join(
+                          f"≤ {float(b):.0%}: {_cell(p)}" for b, p in ft.items()) + "."]
+        lines.append("")
+    (out / f"{NAME}.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="500,4000", help="training-set sizes (500: the demo's RC)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    p.add_argument("--work", type=Path, default=Path("/tmp/mmerase-surrogate"))
+    p.add_argument("--report-only", type=Path, default=None, help="re-render the table from a JSON")
+    args = p.parse_args(argv)
+    if args.report_only is not None:
+        render(json.loads(args.report_only.read_text()), args.out)
+        return 0
+    torch.set_num_threads(1)
+    args.work.mkdir(parents=True, exist_ok=True)
+    t0, report = time.perf_counter(), {"seed": args.seed, "trials": TRIALS, "sizes": []}
+    for n in (int(x) for x in args.sizes.split(",")):
+        sc = scenario(n, args.work, args.seed)
+        size = {"n": n, "rows": sc.rows, "retrain_passes": sc.retrain_passes,
+                "retraining": measure_retraining(sc, Path(tempfile.mkdtemp(dir=args.work))), "trials": []}
+        for trial in TRIALS:
+            with stage(f"n = {n}: {json.dumps(trial)}"):
+                size["trials"].append(run_trial(sc, trial, args.seed))
+        report["sizes"].append(size)
+    report.update(machine=machine(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M %Z"),
+                  seconds=time.perf_counter() - t0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"{NAME}.json", report)
+    render(report, args.out)
+    print((args.out / f"{NAME}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
