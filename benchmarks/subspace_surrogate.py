@@ -18,8 +18,8 @@ new samples. Per step: one H_S product (|S| samples), one gradient of the new sa
 nothing over the other n samples. Costs are counted by :class:`mmerase.methods.accounting.PassCounter` as every
 method's are; scoring (held-out accuracy, edited-set loss, KL to the retrained adapter) as ``frontier.py`` does.
 
-Sizes: the demo's digits RC (n = 500, ``frontier.py``'s scenario files) and the scaling scenario (the same 100
-corrections among n = 4000 pairs, ``scaling.py``'s). Trials: |S| = 128, λ ∈ {the preparation's auto λ (0.003 ×
+Sizes (``--sizes``; the committed run: 500,4000,8000): the demo's digits RC at n = 500 and the scaling scenario
+above it (the same 100 corrections among n pairs, built as ``scaling.py`` builds them). Trials: |S| = 128, λ ∈ {the preparation's auto λ (0.003 ×
 top eigenvalue), 0.1, 0.2}; 10 Krylov directions then 5 steps. Outputs ``subspace_surrogate.{json,md}``.
 """
 
