@@ -1,6 +1,6 @@
 """A refinement whose cost does not grow with the training set, measured (an experiment, not a library setting).
 
-    python benchmarks/subspace_surrogate.py [--sizes 500,4000] [--out DIR] [--work DIR]
+    python benchmarks/subspace_surrogate.py [--sizes 500,4000] [--trials JSON] [--name NAME] [--out DIR] [--work DIR]
 
 The library's refinement (``refine_steps``) passes over the whole training set at every Newton step, so its cost
 grows with n (``scaling.md``: ≈ 9981 + 31·n sample passes). This experiment replaces the training term of the
@@ -21,6 +21,11 @@ method's are; scoring (held-out accuracy, edited-set loss, KL to the retrained a
 Sizes (``--sizes``; the committed run: 500,4000,8000): the demo's digits RC at n = 500 and the scaling scenario
 above it (the same 100 corrections among n pairs, built as ``scaling.py`` builds them). Trials: |S| = 128, λ ∈ {the preparation's auto λ (0.003 ×
 top eigenvalue), 0.1, 0.2}; 10 Krylov directions then 5 steps. Outputs ``subspace_surrogate.{json,md}``.
+
+``--trials`` replaces the trials (a JSON list of {"s": pairs or 0 for the whole training set, "damping": "auto" or a
+number}) and ``--name`` the output files' stem. The second committed run asks whether the sub-sample's noise or the
+quadratic model itself limits the quality, at n = 8000: ``--sizes 8000 --name subspace_surrogate_s --trials``
+with |S| ∈ {128, 256, 512, 1024, all 8000} at the auto λ and |S| = 512 at λ ∈ {0.1, 0.01, 0.003}.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class Surrogate:
         pc.samples, pc.probes = PREP_SAMPLES, 0
         pre = prepare(engine, solver, pc).preconditioner
         self.precondition, self.damping = pre.apply, pre.damping
-        self.subset = engine.subset(s if s < self.n else None, seed + 5)
+        self.subset = engine.subset(s if 0 < s < self.n else None, seed + 5)
         self.saved = [p.detach().clone() for p in engine.params]
         self.new = [e.new for e in edits if e.new is not None]
         old = [e.old for e in edits if e.old is not None]
@@ -182,7 +187,9 @@ def _cell(p: dict[str, Any]) -> str:
 def render(report: dict[str, Any], out: Path) -> None:
     scaling_json = Path(__file__).resolve().parent / "scaling.json"
     finetune = {s["n"]: s["chosen"].get("finetune", {}) for s in json.loads(scaling_json.read_text())["sizes"]}
-    lines = [f"# A refinement whose cost does not grow with n (`{NAME}.py`, an experiment)", "",
+    name = report.get("name", NAME)
+    run = f"`{NAME}.py`" if name == NAME else f"`{NAME}.py --name {name}`"
+    lines = [f"# A refinement whose cost does not grow with n ({run}, an experiment)", "",
              f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores); torch "
              f"{report['versions'].get('torch')}, transformers {report['versions'].get('transformers')}; seed "
              f"{report['seed']}; {report['date']}; {report['seconds'] / 60:.0f} min. Digits RC (100 corrected "
@@ -197,7 +204,9 @@ def render(report: dict[str, Any], out: Path) -> None:
                   "| trial (S, λ) | λ used | " + " | ".join(f"step {k}" for k in range(1, STEPS + 2)) + " |",
                   "|---|---|" + "---|" * (STEPS + 1)]
         for t in size["trials"]:
-            lines.append(f"| {t['params']['s']} samples, λ {t['params']['damping']} | {t['damping']:.3g} | "
+            s = t["params"]["s"]
+            s = f"all {size['n']}" if not 0 < s < size["n"] else s
+            lines.append(f"| {s} samples, λ {t['params']['damping']} | {t['damping']:.3g} | "
                          + " | ".join(_cell(p) for p in t["points"]) + " |")
         ft = finetune.get(size["n"], {})
         if ft:
@@ -205,12 +214,14 @@ def render(report: dict[str, Any], out: Path) -> None:
                       "per budget on validation): " + "; ".join(
                           f"≤ {float(b):.0%}: {_cell(p)}" for b, p in ft.items()) + "."]
         lines.append("")
-    (out / f"{NAME}.md").write_text("\n".join(lines), encoding="utf-8")
+    (out / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="500,4000", help="training-set sizes (500: the demo's RC)")
+    p.add_argument("--trials", type=json.loads, default=TRIALS, help='JSON list of {"s": 128, "damping": "auto"}')
+    p.add_argument("--name", default=NAME, help="the output files' stem")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--work", type=Path, default=Path("/tmp/mmerase-surrogate"))
@@ -221,21 +232,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
-    t0, report = time.perf_counter(), {"seed": args.seed, "trials": TRIALS, "sizes": []}
+    t0, report = time.perf_counter(), {"seed": args.seed, "name": args.name, "trials": args.trials, "sizes": []}
     for n in (int(x) for x in args.sizes.split(",")):
         sc = scenario(n, args.work, args.seed)
         size = {"n": n, "rows": sc.rows, "retrain_passes": sc.retrain_passes,
                 "retraining": measure_retraining(sc, Path(tempfile.mkdtemp(dir=args.work))), "trials": []}
-        for trial in TRIALS:
+        for trial in args.trials:
             with stage(f"n = {n}: {json.dumps(trial)}"):
                 size["trials"].append(run_trial(sc, trial, args.seed))
         report["sizes"].append(size)
     report.update(machine=machine(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M %Z"),
                   seconds=time.perf_counter() - t0)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{NAME}.json", report)
+    write_json(args.out / f"{args.name}.json", report)
     render(report, args.out)
-    print((args.out / f"{NAME}.md").read_text())
+    print((args.out / f"{args.name}.md").read_text())
     return 0
 
 
