@@ -1,10 +1,10 @@
-"""A refinement whose cost does not grow with the training set, measured (an experiment, not a library setting).
+"""A refinement whose cost does not grow with the training set, measured (a library class, not yet a CLI setting).
 
     python benchmarks/subspace_surrogate.py [--sizes 500,4000] [--trials JSON] [--name NAME] [--out DIR] [--work DIR]
 
 The library's refinement (``refine_steps``) passes over the whole training set at every Newton step, so its cost
-grows with n (``scaling.md``: ≈ 9981 + 31·n sample passes). This experiment replaces the training term of the
-edited objective by a quadratic model whose curvature comes from a fixed random sub-sample S of the training set
+grows with n (``scaling.md``: ≈ 9981 + 31·n sample passes). :class:`mmerase.influence.SubspaceSurrogate`, measured
+here, replaces the training term of the edited objective by a quadratic model whose curvature comes from a fixed random sub-sample S of the training set
 and keeps the edited samples exact:
 
     S(x) = ½ xᵀ(H_S + λI)x − g_oldᵀx + (1/n) Σ_E L(z_new; θ̂ + x)
@@ -12,7 +12,7 @@ and keeps the edited samples exact:
 (g_old = (1/n) Σ_E ∇L(z_old; θ̂): the old samples' loss cancels exactly between the training term and the edit
 term, so only their gradient at θ̂ remains). x is restricted to a subspace grown by one direction per step — the
 EK-FAC-preconditioned gradient of S (preparation from 128 samples) — with H_S products stored, so the quadratic
-term is exact on the subspace. The first ``r0`` directions are a preconditioned Krylov solve of the plain influence
+term is exact on the subspace. The first ``KRYLOV`` directions are a preconditioned Krylov solve of the plain influence
 update; each later step re-linearises the new samples at x, solves the Galerkin system and line-searches S on the
 new samples. Per step: one H_S product (|S| samples), one gradient of the new samples, a few forwards of them —
 nothing over the other n samples. Costs are counted by :class:`mmerase.methods.accounting.PassCounter` as every
@@ -47,7 +47,7 @@ from frontier import Scenario, engine_for, measure_retraining  # noqa: E402
 from scaling import extra_samples  # noqa: E402
 
 from mmerase.demo import preparation_settings  # noqa: E402
-from mmerase.influence import vectors as V  # noqa: E402
+from mmerase.influence import SubspaceSurrogate  # noqa: E402
 from mmerase.methods.accounting import PassCounter  # noqa: E402
 from mmerase.prepare import prepare  # noqa: E402
 from mmerase.record import machine, versions, write_json  # noqa: E402
@@ -58,88 +58,15 @@ TRIALS = [{"s": 128, "damping": "auto"}, {"s": 128, "damping": 0.1}, {"s": 128, 
 KRYLOV, STEPS, PREP_SAMPLES, BATCH = 10, 5, 128, 128
 
 
-class Surrogate:
-    """S(x) on one scenario's corrupted adapter: the stored subspace, its H_S products and the edited samples."""
-
-    def __init__(self, engine: Any, edits: list, s: int, damping: float | str, seed: int) -> None:
-        self.engine, self.n = engine, engine.n
-        solver, pc = preparation_settings("ekfac", 3e-3, "ggn", seed, False, damping)
-        pc.samples, pc.probes = PREP_SAMPLES, 0
-        pre = prepare(engine, solver, pc).preconditioner
-        self.precondition, self.damping = pre.apply, pre.damping
-        self.subset = engine.subset(s if 0 < s < self.n else None, seed + 5)
-        self.saved = [p.detach().clone() for p in engine.params]
-        self.new = [e.new for e in edits if e.new is not None]
-        old = [e.old for e in edits if e.old is not None]
-        with engine.inference_mode():
-            self.g_old = V.scale(1 / self.n, engine.gradient_sum(old, BATCH)) if old else V.zeros_like(self.saved)
-        self.basis: list[torch.Tensor] = []  # orthonormal, flat
-        self.products: list[torch.Tensor] = []  # (H_S + λI) basis
-
-    def extend(self, d: V.Vec) -> None:
-        """Add d (orthogonalised) to the subspace with its product."""
-        f = V.flatten(d)
-        for q in self.basis:
-            f = f - (q @ f) * q
-        if float(f.norm()) < 1e-12:
-            return
-        f = f / f.norm()
-        self.engine.set_parameters(self.saved, None)
-        v = V.unflatten(f, self.saved)
-        hv = V.axpy(self.damping, v, self.engine.product(v, "ggn", self.subset, BATCH))
-        self.basis.append(f)
-        self.products.append(V.flatten(hv))
-
-    def galerkin(self, rhs: V.Vec) -> V.Vec:
-        """argmin over the subspace of ½yᵀ(H_S + λI)y − rhsᵀy."""
-        q, aq = torch.stack(self.basis), torch.stack(self.products)
-        t = q @ aq.T
-        c = torch.linalg.solve((0.5 * (t + t.T)).double(), (q @ V.flatten(rhs)).double()).to(q.dtype)
-        return V.unflatten(q.T @ c, self.saved)
-
-    def curvature_times(self, x: V.Vec) -> V.Vec:
-        """(H_S + λI) x for x in the subspace."""
-        q, aq = torch.stack(self.basis), torch.stack(self.products)
-        return V.unflatten(aq.T @ (q @ V.flatten(x)), self.saved)
-
-    def new_gradient(self, x: V.Vec) -> V.Vec:
-        self.engine.set_parameters(self.saved, x)
-        if not self.new:
-            return V.zeros_like(self.saved)
-        with self.engine.inference_mode():
-            return V.scale(1 / self.n, self.engine.gradient_sum(self.new, BATCH))
-
-    def value(self, x: V.Vec) -> float:
-        self.engine.set_parameters(self.saved, x)
-        new = 0.0
-        if self.new:
-            with torch.no_grad(), self.engine.inference_mode():
-                new = self.engine.loss_sum(self.new, BATCH) / self.n
-        return 0.5 * V.dot(x, self.curvature_times(x)) - V.dot(self.g_old, x) + new
-
-    def step(self, x: V.Vec) -> V.Vec:
-        """Grow the subspace by the preconditioned gradient of S at x, solve the re-linearised Galerkin system,
-        line-search S between x and its solution."""
-        rhs = V.sub(self.g_old, self.new_gradient(x))
-        self.extend(self.precondition(V.sub(self.curvature_times(x), rhs)))
-        y = self.galerkin(rhs)
-        f_x, t = self.value(x), 1.0
-        while t >= 1 / 16:
-            trial = V.axpy(t, V.sub(y, x), x)
-            if self.value(trial) < f_x:
-                return trial
-            t /= 2
-        return x
-
-    def krylov(self) -> V.Vec:
-        """The plain influence update solved on the sub-sampled curvature in KRYLOV preconditioned directions."""
-        rhs = V.sub(self.g_old, self.new_gradient(V.zeros_like(self.saved)))
-        residual = rhs
-        for _ in range(KRYLOV):
-            self.extend(self.precondition(residual))
-            y = self.galerkin(rhs)
-            residual = V.sub(rhs, self.curvature_times(y))
-        return y
+def surrogate(engine: Any, edits: list, s: int, damping: float | str, seed: int) -> SubspaceSurrogate:
+    """The library's :class:`SubspaceSurrogate` on one scenario's corrupted adapter: S = ``s`` random training pairs
+    (0 or ≥ n: all), preconditioned by an EK-FAC preparation from :data:`PREP_SAMPLES` pairs whose auto λ
+    (``damping="auto"``) is the surrogate's λ."""
+    solver, pc = preparation_settings("ekfac", 3e-3, "ggn", seed, False, damping)
+    pc.samples, pc.probes = PREP_SAMPLES, 0
+    pre = prepare(engine, solver, pc).preconditioner
+    subset = engine.subset(s if 0 < s < engine.n else None, seed + 5)
+    return SubspaceSurrogate(engine, edits, subset, pre.damping, pre.apply, "ggn", BATCH)
 
 
 def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -148,8 +75,8 @@ def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
     bundle, engine = engine_for(sc, "influence")
     points, t_cpu, scoring = [], time.process_time(), 0.0
     with PassCounter(engine.model) as counted:
-        sur = Surrogate(engine, [r.edit for r in sc.requests], trial["s"], trial["damping"], seed)
-        x = sur.krylov()
+        sur = surrogate(engine, [r.edit for r in sc.requests], trial["s"], trial["damping"], seed)
+        x = sur.krylov(KRYLOV)
         for step in range(1, STEPS + 2):
             if step > 1:
                 x = sur.step(x)

@@ -9,14 +9,13 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call, jacfwd
+import dense_refs
 from lora_points import perturb_lora_b
 
 from mmerase.data import Sample
 from mmerase.influence import InfluenceEngine, make_curvature
 from mmerase.influence import vectors as V
 from mmerase.models import LoadOptions, LoraSettings, load_model
-from mmerase.models.base import IGNORE_INDEX
 
 #: one LoRA on one projection (r=2, 512 parameters): small enough for dense references
 ONE_LORA = LoraSettings(r=2, target_modules=r".*layers\.1\.self_attn\.v_proj")
@@ -52,29 +51,8 @@ def _rel(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def dense_ggn(text64) -> torch.Tensor:
-    """(1/B) Σ_b (1/T_b) Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t over response tokens, J_t = ∂logits_t/∂θ by jacfwd:
-    the Gauss-Newton matrix of the per-sample-mean loss, derived by hand (not by the engine's autograd trick)."""
     bundle, engine = text64
-    batch = engine.collate(SAMPLES)
-    inputs = {**bundle.loss_fn.model_inputs(bundle.model, batch), "use_cache": False}
-    like = [p.detach() for p in engine.params]
-    frozen = {n: p for n, p in bundle.model.named_parameters() if not p.requires_grad}
-
-    def logits_of(flat):
-        params = dict(zip(engine.names, V.unflatten(flat, like)))
-        return functional_call(bundle.model, {**frozen, **params}, args=(), kwargs=inputs).logits
-
-    flat = V.flatten(like)
-    jac = jacfwd(logits_of)(flat)  # [B, L, vocab, P]
-    logits = logits_of(flat).detach()
-    labels = batch["labels"]
-    ggn = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
-    for b in range(labels.shape[0]):
-        positions = [t for t in range(labels.shape[1] - 1) if labels[b, t + 1] != IGNORE_INDEX]
-        for t in positions:
-            p = torch.softmax(logits[b, t], dim=-1)
-            ggn += jac[b, t].T @ (torch.diag(p) - torch.outer(p, p)) @ jac[b, t] / len(positions)
-    return ggn / labels.shape[0]
+    return dense_refs.dense_ggn(bundle, engine, SAMPLES)
 
 
 def test_ggn_products_equal_the_dense_ggn_and_are_psd(text64, dense_ggn):

@@ -1,0 +1,110 @@
+"""The sub-sampled quadratic surrogate of the edited objective (SubspaceSurrogate) on a tiny text model in float64,
+against a dense GGN built by hand (forward-mode Jacobians) and plain autograd gradients: its Krylov answer is the
+dense solve of (H_S + λI)x = g_old − g_new(θ̂), its value is S(x), its steps lower S and reach S's stationary point."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import dense_refs
+from lora_points import perturb_lora_b
+
+from mmerase.data import Sample
+from mmerase.influence import Edit, InfluenceEngine, SubspaceSurrogate
+from mmerase.influence import vectors as V
+from mmerase.models import LoadOptions, LoraSettings, load_model
+
+#: one LoRA on one projection (r=2, 512 parameters): small enough for dense references
+ONE_LORA = LoraSettings(r=2, target_modules=r".*layers\.1\.self_attn\.v_proj")
+
+
+def _chat(sid: str, q: str, a: str) -> Sample:
+    return Sample(sid, [{"from": "human", "value": q}, {"from": "gpt", "value": a}])
+
+
+TRAIN = [_chat("a", "Say hi", "hi there"), _chat("b", "Count", "one two three four"),
+         _chat("c", "Name a colour", "green"), _chat("d", "Spell it", "e f g")]
+SUBSET = [0, 1]
+CORRECTED = _chat("d", "Spell it", "a b c")
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir):
+    bundle = load_model(tiny_llama_dir, lora=ONE_LORA, options=LoadOptions(dtype="float64", device="cpu"))
+    perturb_lora_b(bundle.model, scale=0.5, draw_dtype=torch.float64)
+    engine = InfluenceEngine(bundle.model, bundle.loss_fn, TRAIN, collate_fn=bundle.collate)
+    h = dense_refs.dense_ggn(bundle, engine, [TRAIN[i] for i in SUBSET])
+    lam = 0.1 * float(torch.linalg.eigvalsh(h)[-1])
+    return bundle, engine, h + lam * torch.eye(h.shape[0], dtype=h.dtype), lam
+
+
+@contextlib.contextmanager
+def _at(bundle, engine, x):
+    """The model at its current parameters + x (x: flat, or None) in eval mode, restored afterwards."""
+    saved = [p.detach().clone() for p in engine.params]
+    with torch.no_grad():
+        for p, d in zip(engine.params, V.unflatten(x, saved) if x is not None else []):
+            p.add_(d)
+    bundle.model.eval()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(engine.params, saved):
+                p.copy_(s)
+
+
+def _grad(bundle, engine, sample, x=None) -> torch.Tensor:
+    """∇L(sample) at θ̂ + x by plain autograd on the loss (not the engine's gradient sums)."""
+    with _at(bundle, engine, x):
+        g = torch.autograd.grad(bundle.loss_fn(bundle.model, engine.collate([sample])), engine.params)
+    return V.flatten(list(g))
+
+
+def _loss(bundle, engine, sample, x) -> float:
+    with _at(bundle, engine, x), torch.no_grad():
+        return float(bundle.loss_fn(bundle.model, engine.collate([sample])))
+
+
+def _surrogate_value(h, g_old, bundle, engine, new, x) -> float:
+    """S(x) from the dense matrix and plain losses (the model at θ̂)."""
+    return float(0.5 * x @ h @ x - g_old @ x) + sum(_loss(bundle, engine, z, x) for z in new) / engine.n
+
+
+def test_removal_krylov_answer_is_the_dense_solve_and_a_step_keeps_it(setup):
+    bundle, engine, h, lam = setup
+    sur = SubspaceSurrogate(engine, [Edit(old=TRAIN[3])], SUBSET, lam, batch_size=2)
+    x = V.flatten(sur.krylov(60))
+    sur.restore()
+    want = torch.linalg.solve(h, _grad(bundle, engine, TRAIN[3]) / engine.n)
+    assert (x - want).norm() / want.norm() < 1e-8
+    # S is exactly quadratic for a removal: its minimiser is a fixed point of the step
+    again = V.flatten(sur.step(V.unflatten(x, sur.saved)))
+    assert (again - x).norm() / x.norm() < 1e-8
+    sur.restore()
+
+
+def test_correction_steps_lower_the_surrogate_to_its_stationary_point(setup):
+    bundle, engine, h, lam = setup
+    sur = SubspaceSurrogate(engine, [Edit(old=TRAIN[3], new=CORRECTED)], SUBSET, lam, batch_size=2)
+    g_old = _grad(bundle, engine, TRAIN[3]) / engine.n
+    rhs = g_old - _grad(bundle, engine, CORRECTED) / engine.n
+    x = sur.krylov(60)
+    want = torch.linalg.solve(h, rhs)
+    assert (V.flatten(x) - want).norm() / want.norm() < 1e-8  # the plain influence update
+    mine = sur.value(x)
+    sur.restore()  # the surrogate leaves the model at θ̂ + x; the references start from θ̂
+    values = [_surrogate_value(h, g_old, bundle, engine, [CORRECTED], V.flatten(x))]
+    assert abs(mine - values[0]) < 1e-10 * abs(values[0])
+    for _ in range(10):
+        x = sur.step(x)
+        sur.restore()
+        values.append(_surrogate_value(h, g_old, bundle, engine, [CORRECTED], V.flatten(x)))
+    assert all(b <= a + 1e-14 for a, b in zip(values, values[1:]))
+    f = V.flatten(x)
+    stationarity = h @ f - g_old + _grad(bundle, engine, CORRECTED, f) / engine.n
+    assert stationarity.norm() / rhs.norm() < 1e-6
+    assert values[-1] < values[0]  # the plain update was not already stationary
+    sur.restore()
