@@ -1,11 +1,12 @@
-"""A refinement whose cost does not grow with the training set, measured (a library class, not yet a CLI setting).
+"""A refinement whose cost does not grow with the training set, measured: ``mmerase unlearn --method surrogate``.
 
     python benchmarks/subspace_surrogate.py [--sizes 500,4000] [--trials JSON] [--name NAME] [--out DIR] [--work DIR]
 
 The library's refinement (``refine_steps``) passes over the whole training set at every Newton step, so its cost
-grows with n (``scaling.md``: ≈ 9981 + 31·n sample passes). :class:`mmerase.influence.SubspaceSurrogate`, measured
-here, replaces the training term of the edited objective by a quadratic model whose curvature comes from a fixed random sub-sample S of the training set
-and keeps the edited samples exact:
+grows with n (``scaling.md``: ≈ 9981 + 31·n sample passes). The ``surrogate`` method (run here through
+:func:`mmerase.methods.unlearn`, as the command line runs it; its math in :class:`mmerase.influence.SubspaceSurrogate`)
+replaces the training term of the edited objective by a quadratic model whose curvature comes from a fixed random
+sub-sample S of the training set and keeps the edited samples exact:
 
     S(x) = ½ xᵀ(H_S + λI)x − g_oldᵀx + (1/n) Σ_E L(z_new; θ̂ + x)
 
@@ -15,8 +16,8 @@ EK-FAC-preconditioned gradient of S (preparation from 128 samples) — with H_S 
 term is exact on the subspace. The first ``KRYLOV`` directions are a preconditioned Krylov solve of the plain influence
 update; each later step re-linearises the new samples at x, solves the Galerkin system and line-searches S on the
 new samples. Per step: one H_S product (|S| samples), one gradient of the new samples, a few forwards of them —
-nothing over the other n samples. Costs are counted by :class:`mmerase.methods.accounting.PassCounter` as every
-method's are; scoring (held-out accuracy, edited-set loss, KL to the retrained adapter) as ``frontier.py`` does.
+nothing over the other n samples. Costs are counted by the method accounting's pass counter, as every method's
+are; scoring (held-out accuracy, edited-set loss, KL to the retrained adapter) as ``frontier.py`` does.
 
 Sizes (``--sizes``; the committed run: 500,4000,8000): the demo's digits RC at n = 500 and the scaling scenario
 above it (the same 100 corrections among n pairs, built as ``scaling.py`` builds them). Trials: |S| = 128, λ ∈ {the preparation's auto λ (0.003 ×
@@ -46,10 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier import Scenario, engine_for, measure_retraining  # noqa: E402
 from scaling import extra_samples  # noqa: E402
 
-from mmerase.demo import preparation_settings  # noqa: E402
-from mmerase.influence import SubspaceSurrogate  # noqa: E402
-from mmerase.methods.accounting import PassCounter  # noqa: E402
-from mmerase.prepare import prepare  # noqa: E402
+from mmerase.methods import Checkpoints, SurrogateConfig, unlearn  # noqa: E402
 from mmerase.record import machine, versions, write_json  # noqa: E402
 from mmerase.scenarios import ScenarioConfig, build_scenarios, stage  # noqa: E402
 
@@ -58,37 +56,28 @@ TRIALS = [{"s": 128, "damping": "auto"}, {"s": 128, "damping": 0.1}, {"s": 128, 
 KRYLOV, STEPS, PREP_SAMPLES, BATCH = 10, 5, 128, 128
 
 
-def surrogate(engine: Any, edits: list, s: int, damping: float | str, seed: int) -> SubspaceSurrogate:
-    """The library's :class:`SubspaceSurrogate` on one scenario's corrupted adapter: S = ``s`` random training pairs
-    (0 or ≥ n: all), preconditioned by an EK-FAC preparation from :data:`PREP_SAMPLES` pairs whose auto λ
-    (``damping="auto"``) is the surrogate's λ."""
-    solver, pc = preparation_settings("ekfac", 3e-3, "ggn", seed, False, damping)
-    pc.samples, pc.probes = PREP_SAMPLES, 0
-    pre = prepare(engine, solver, pc).preconditioner
-    subset = engine.subset(s if 0 < s < engine.n else None, seed + 5)
-    return SubspaceSurrogate(engine, edits, subset, pre.damping, pre.apply, "ggn", BATCH)
-
-
 def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Every step's cost (passes, CPU; scoring excluded) and score."""
+    """``mmerase unlearn --method surrogate`` with this trial's |S| and λ: every step's cost (passes, CPU; scoring
+    excluded) and score."""
     torch.manual_seed(seed)
     bundle, engine = engine_for(sc, "influence")
-    points, t_cpu, scoring = [], time.process_time(), 0.0
-    with PassCounter(engine.model) as counted:
-        sur = surrogate(engine, [r.edit for r in sc.requests], trial["s"], trial["damping"], seed)
-        x = sur.krylov(KRYLOV)
-        for step in range(1, STEPS + 2):
-            if step > 1:
-                x = sur.step(x)
-            before, c0 = (counted.forward, counted.backward), time.process_time()
-            passes = (before[0] + 2 * before[1]) / 3
-            engine.set_parameters(sur.saved, x)
-            points.append({"step": step, "sample_passes": passes, "fraction": passes / sc.retrain_passes,
-                           "cpu_s": c0 - t_cpu - scoring, **sc.score(bundle)})
-            counted.forward, counted.backward = before
-            scoring += time.process_time() - c0
-    engine.set_parameters(sur.saved, None)
-    return {"params": trial, "damping": sur.damping, "points": points}
+    config = SurrogateConfig(samples=trial["s"], damping=trial["damping"], krylov=KRYLOV, steps=STEPS,
+                             prep_samples=PREP_SAMPLES, batch_size=BATCH, seed=seed)
+    snapshots, t_cpu = [], time.process_time()
+
+    def keep(info: Any) -> None:
+        cost = {"step": info.step, "sample_passes": info.sample_passes, "cpu_s": time.process_time() - t_cpu}
+        snapshots.append((cost, [p.detach().clone() for p in engine.params]))
+
+    theta_hat = [p.detach().clone() for p in engine.params]
+    result = unlearn(engine, None, [r.edit for r in sc.requests], "surrogate", config,
+                     retrain_passes=sc.retrain_passes, checkpoints=Checkpoints(keep), apply=False)
+    points = []
+    for cost, theta in snapshots:
+        engine.set_parameters(theta)
+        points.append({**cost, "fraction": cost["sample_passes"] / sc.retrain_passes, **sc.score(bundle)})
+    engine.set_parameters(theta_hat)
+    return {"params": trial, "damping": result.info["damping"], "points": points}
 
 
 def scenario(n: int, work: Path, seed: int) -> Scenario:

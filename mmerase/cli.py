@@ -93,9 +93,11 @@ def _cmd_unlearn(a: argparse.Namespace, c: dict[type, Any]) -> int:
         r, tol = outcome.result, done.config.tol
         state = "converged" if r.converged else f"NOT converged (tol {tol:g})"
         what = f"residual {r.residual:.2e} ({state}, {r.steps} steps)"
-    else:
+    elif "step_losses" in done.info:
         losses = done.info["step_losses"]
         what = f"{done.method}: {done.info['steps']} steps, loss {losses[0]:.4f} → {losses[-1]:.4f}"
+    else:
+        what = f"{done.method}: {done.info.get('summary', 'done')}"
     frac = acc.retraining_fraction
     cost = f"{acc.sample_passes:.0f} sample passes" + (f" ({frac:.3g} of a retraining)" if frac is not None else "")
     print(f"unlearned adapter written to {outcome.out} | {what} | {cost} | "

@@ -1,4 +1,4 @@
-"""Unlearning methods (finetune, ga, graddiff, npo, kl, influence) through the CLI and the API on both tiny presets,
+"""Unlearning methods (finetune, ga, graddiff, npo, kl, influence, surrogate) through the CLI and the API on both tiny presets,
 what defines each method against hand-computed float64 references, the one training loop (finetune reproduces
 `mmerase finetune` bit for bit), and the compute accounting against passes counted by independent hooks."""
 
@@ -25,13 +25,18 @@ ASCENT = ("ga", "graddiff", "npo", "kl")
 #: a few steps of every method (the CLI flags, and the same as API configs)
 FLAGS = {"finetune": ["--edited-weight", "2"], "ga": [], "graddiff": ["--retain-weight", "0.5"],
          "npo": ["--beta", "0.5", "--npo-retain"], "kl": ["--retain-weight", "2"],
-         "influence": ["--curvature", "ggn", "--damping", "1.0", "--max-steps", "80", "--no-stationarity-check"]}
+         "influence": ["--curvature", "ggn", "--damping", "1.0", "--max-steps", "80", "--no-stationarity-check"],
+         "surrogate": ["--surrogate-samples", "6", "--surrogate-damping", "0.5", "--surrogate-krylov", "8",
+                       "--surrogate-steps", "2", "--surrogate-prep-samples", "6", "--surrogate-batch-size", "4"]}
 COMMON = {"lr": 1e-2, "batch_size": 3, "progress": False}
 CONFIGS = {"finetune": M.FinetuneConfig(edited_weight=2.0, **COMMON), "ga": M.GAConfig(**COMMON),
            "graddiff": M.GradDiffConfig(retain_weight=0.5, **COMMON),
            "npo": M.NPOConfig(beta=0.5, npo_retain=True, **COMMON), "kl": M.KLConfig(retain_weight=2.0, **COMMON),
            "influence": SolverConfig(curvature="ggn", damping=1.0, max_steps=80, stationarity_check=False,
-                                     progress=False)}
+                                     progress=False),
+           "surrogate": M.SurrogateConfig(samples=6, damping=0.5, krylov=8, steps=2, prep_samples=6, batch_size=4)}
+#: the methods that spend no budget (their settings decide their cost)
+UNBUDGETED = ("influence", "surrogate")
 BUDGET = "40%"  # of one retraining (2 epochs × 12 samples = 24 sample passes): 9.6 sample passes
 CPU = LoadOptions(device="cpu")
 
@@ -92,7 +97,7 @@ def _edits_file(sc: dict, method: str) -> Path:
 def _run_cli(sc: dict, method: str, out: Path, *extra, capsys=None) -> tuple[int, str, str]:
     args = ["unlearn", "--base", sc["base"], "--adapter", sc["adapter"], "--data", sc["data"], "--edits",
             _edits_file(sc, method), "--out", out, "--method", method, "--no-progress", *FLAGS[method], *extra]
-    if method != "influence":
+    if method not in UNBUDGETED:
         args += ["--budget", BUDGET, "--method-lr", "1e-2", "--method-batch-size", "3"]
     code = main([str(a) for a in args])
     out_err = capsys.readouterr() if capsys is not None else ("", "")
@@ -105,7 +110,7 @@ def cli_runs(scenarios, tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-runs")
     runs = {}
     for model, sc in scenarios.items():
-        for method in (*GRADIENT, "influence"):
+        for method in (*GRADIENT, *UNBUDGETED):
             out = root / f"{model}-{method}"
             code, _, _ = _run_cli(sc, method, out)
             runs[model, method] = {"code": code, "out": out}
@@ -113,7 +118,7 @@ def cli_runs(scenarios, tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-llava"])
-@pytest.mark.parametrize("method", [*GRADIENT, "influence"])
+@pytest.mark.parametrize("method", [*GRADIENT, *UNBUDGETED])
 def test_every_method_through_the_cli_and_the_api(scenarios, cli_runs, model, method):
     """The CLI writes a new adapter with a run record (method, config, budget, steps, losses, accounting within the
     budget); the API on the same request gives the same adapter (the workflow is a thin layer over it)."""
@@ -126,7 +131,10 @@ def test_every_method_through_the_cli_and_the_api(scenarios, cli_runs, model, me
     assert rec["retraining"] == {"passes": 24, "source": "adapter run record"}
     assert acc["retraining_fraction"] == pytest.approx(acc["sample_passes"] / 24)
     assert acc["forward_passes"] > 0 and acc["backward_passes"] > 0 and acc["cpu_s"] > 0
-    if method != "influence":
+    if method == "surrogate":
+        assert rec["result"]["surrogate_samples"] == 6 and rec["result"]["damping"] == 0.5
+        assert 8 <= rec["result"]["directions"] <= 10 and rec["method"]["config"]["krylov"] == 8
+    elif method != "influence":
         assert rec["method"]["budget"] == {"requested": "40%", "sample_passes": pytest.approx(9.6)}
         assert acc["within_budget"] and acc["sample_passes"] == pytest.approx(rec["result"]["planned_sample_passes"])
         assert rec["result"]["steps"] >= 1 and len(rec["result"]["step_losses"]) == rec["result"]["steps"]
@@ -140,14 +148,14 @@ def test_every_method_through_the_cli_and_the_api(scenarios, cli_runs, model, me
     train = load_dataset(sc["data"])
     edits = [r.edit for r in parse_edits(_edits_file(sc, method), train)]
     bundle = load_model(sc["base"], adapter=sc["adapter"], options=CPU)
-    result = M.unlearn(bundle, train, edits, method, CONFIGS[method], None if method == "influence" else 9.6)
+    result = M.unlearn(bundle, train, edits, method, CONFIGS[method], None if method in UNBUDGETED else 9.6)
     before = load_file(sc["adapter"] / "adapter_model.safetensors")
     after = load_file(run["out"] / "adapter_model.safetensors")
     api = {k: v for k, v in bundle.model.state_dict().items() if "lora_" in k}
     for key, value in after.items():  # influence on LLaVA: the workflow caches image features (exact to rounding)
         mine = next(v for k, v in api.items() if k.replace(".default", "") == key)
-        assert torch.equal(mine, value) if method != "influence" else torch.allclose(mine, value, rtol=1e-4,
-                                                                                       atol=1e-6), key
+        assert torch.equal(mine, value) if method not in UNBUDGETED else torch.allclose(mine, value, rtol=1e-4,
+                                                                                        atol=1e-6), key
     moved = sum(float((after[k] - before[k]).norm()) for k in after)
     assert moved > 1e-4
     assert result.accounting.sample_passes == pytest.approx(acc["sample_passes"])
@@ -165,7 +173,7 @@ def test_an_op_the_method_cannot_serve_is_refused_before_any_work(scenarios, tmp
     assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"mmerase unlearn: error: method '{method}' cannot serve 'add' edits (edits file line 4); "
-                   "use --method influence or finetune")
+                   "use --method influence or finetune or surrogate")
     assert not (tmp_path / "out").exists()
     # the API: refused before any pass through the model
     bundle = load_model(scenarios["tiny-llama"]["base"], lora=LoraSettings(r=4), options=CPU)
@@ -502,6 +510,13 @@ def test_estimate_prints_the_cost_and_writes_nothing(scenarios, tmp_path, capsys
     assert stdout.strip().endswith("nothing was written")
     code, stdout, _ = _run_cli(sc, "influence", tmp_path / "inf", "--estimate", capsys=capsys)
     assert code == 0 and "at most" in stdout and not (tmp_path / "inf").exists()
+    # the surrogate's estimate is approximate: within a factor 2 of the passes its run counts
+    code, stdout, _ = _run_cli(sc, "surrogate", tmp_path / "sur", "--estimate", capsys=capsys)
+    assert code == 0 and not (tmp_path / "sur").exists()
+    estimated = float(stdout.split(" sample passes")[0].split()[-1])
+    assert _run_cli(sc, "surrogate", tmp_path / "sur")[0] == 0
+    counted = json.loads((tmp_path / "sur" / "mmerase_record.json").read_text())["accounting"]["sample_passes"]
+    assert counted / 2 <= estimated <= 2 * counted
 
 
 def test_nf4_base_gradients_equal_those_of_the_dequantized_linear(tiny_llava_dir):

@@ -1,6 +1,7 @@
 """The sub-sampled quadratic surrogate of the edited objective (SubspaceSurrogate) on a tiny text model in float64,
 against a dense GGN built by hand (forward-mode Jacobians) and plain autograd gradients: its Krylov answer is the
-dense solve of (H_S + λI)x = g_old − g_new(θ̂), its value is S(x), its steps lower S and reach S's stationary point."""
+dense solve of (H_S + λI)x = g_old − g_new(θ̂), its value is S(x), its steps lower S and reach S's stationary point;
+the `surrogate` method built on it returns the dense answer."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dense_refs
 from lora_points import perturb_lora_b
 
 from mmerase.data import Sample
+from mmerase import methods as M
 from mmerase.influence import Edit, InfluenceEngine, SubspaceSurrogate
 from mmerase.influence import vectors as V
 from mmerase.models import LoadOptions, LoraSettings, load_model
@@ -108,3 +110,20 @@ def test_correction_steps_lower_the_surrogate_to_its_stationary_point(setup):
     assert stationarity.norm() / rhs.norm() < 1e-6
     assert values[-1] < values[0]  # the plain update was not already stationary
     sur.restore()
+
+
+def test_the_surrogate_method_gives_the_dense_answer_and_leaves_the_adapter_as_found(setup):
+    """`unlearn(..., "surrogate")` with S = the whole training set: θ_new − θ̂ is the dense solve (EK-FAC only
+    preconditions the directions), counted passes are reported, and apply=False leaves θ̂ in the model."""
+    bundle, engine, _, _ = setup
+    h = dense_refs.dense_ggn(bundle, engine, TRAIN)
+    lam = 0.1 * float(torch.linalg.eigvalsh(h)[-1])
+    theta_hat = V.flatten([p.detach().clone() for p in engine.params])
+    config = M.SurrogateConfig(samples=0, damping=lam, krylov=60, steps=1, prep_samples=4, batch_size=4,
+                               progress=False)
+    result = M.unlearn(engine, None, [Edit(old=TRAIN[3])], "surrogate", config, apply=False)
+    delta = V.flatten([result.delta[n] for n in engine.names])
+    want = torch.linalg.solve(h + lam * torch.eye(h.shape[0], dtype=h.dtype), _grad(bundle, engine, TRAIN[3]) / 4)
+    assert (delta - want).norm() / want.norm() < 1e-8
+    assert result.info["surrogate_samples"] == 4 and result.accounting.sample_passes > 0
+    assert torch.equal(V.flatten(list(engine.params)), theta_hat)

@@ -281,6 +281,17 @@ class Checkpoints:
     at: tuple[Any, ...] = ()
 
 
+def estimate_from_parts(parts: dict[str, tuple[float, float]], costs: dict[str, Any], note: str) -> dict[str, Any]:
+    """An estimate from each part's (gradient sample passes, product samples): product samples cost their measured
+    passes (``costs['product_sample_passes']``) and seconds (``product_sample_s``, else a sample pass's)."""
+    per_product = costs.get("product_sample_passes", 1.0)
+    passes = {k: g + p * per_product for k, (g, p) in parts.items()}
+    seconds = sum(g * costs["sample_pass_s"] + p * costs.get("product_sample_s", costs["sample_pass_s"])
+                  for g, p in parts.values())
+    return {"sample_passes": sum(passes.values()), "exact": False, "parts": passes, "seconds": seconds,
+            "note": note}
+
+
 def iter_budgets(at: tuple[Any, ...], retrain_passes: int | None) -> Iterator[float]:
     """The checkpoint budgets in sample passes."""
     for b in at:
@@ -288,4 +299,4 @@ def iter_budgets(at: tuple[Any, ...], retrain_passes: int | None) -> Iterator[fl
 
 
 __all__ = ["Accounting", "Budget", "CheckpointInfo", "Checkpoints", "Meter", "PassCounter", "RETRAIN_PASSES_HELP",
-           "iter_budgets", "measure_costs", "output_module", "retraining_passes", "sample_key"]
+           "estimate_from_parts", "iter_budgets", "measure_costs", "output_module", "retraining_passes", "sample_key"]

@@ -16,7 +16,7 @@ from typing import Any
 from ..influence import SolverConfig
 from ..influence.distributed import is_zero3
 from ..influence.plan import ESTIMATE, resolve
-from .accounting import CheckpointInfo
+from .accounting import CheckpointInfo, estimate_from_parts
 from .base import Job, Method, MethodOutput
 from .registry import register_method
 
@@ -69,12 +69,8 @@ class Influence(Method):
                  "solve": (0.0, solve), "stationarity": (check * (2 * curv + edits), 0.0),
                  "refinement": (cfg.refine_steps * (curv + edits + 5 * (curv + edits) / 3),
                                 cfg.refine_steps * (solve + edits * (cfg.max_steps + 2)))}
-        per_product = costs.get("product_sample_passes", 1.0)
-        passes = {k: g + p * per_product for k, (g, p) in parts.items()}
-        seconds = sum(g * costs["sample_pass_s"] + p * costs.get("product_sample_s", costs["sample_pass_s"])
-                      for g, p in parts.values())
-        return {"sample_passes": sum(passes.values()), "exact": False, "parts": passes, "seconds": seconds,
-                "note": "an upper bound: the solve stops at its tolerance, usually well before max_steps"}
+        return estimate_from_parts(parts, costs, "an upper bound: the solve stops at its tolerance, usually well before "
+                                   "max_steps")
 
 
 def _solve_products(cfg: SolverConfig, curv: int, n_params: int) -> float:
