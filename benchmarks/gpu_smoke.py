@@ -5,7 +5,7 @@
 On the tiny-llava and tiny-llama presets it runs, through ``mmerase.cli.main`` exactly as a user would:
 finetune → unlearn with every solver (cg, stochastic, lissa, dense on a LoRA small enough for it, prepared), every
 curvature, damping auto and fixed, two refinement steps of each mode, ``prepare`` of every kind and
-``unlearn --prepared``, every other unlearning method (``--method finetune / ga / graddiff / npo / kl``),
+``unlearn --prepared``, every other unlearning method (``--method finetune / ga / graddiff / npo / kl / surrogate``),
 ``generate``, ``eval unlearning``, an NF4 (4-bit) base, and ``mmerase demo --quick``. On each other family's tiny
 preset (LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL): finetune → unlearn (remove, correct, modify
 with a new image of another size) → generate, on images of several sizes in both data formats.
@@ -234,6 +234,15 @@ def _method_cases(s: Smoke, common: list, adapter: Path, train: Path, edits: Pat
         return compare_deltas(adapter, w / "m-finetune", w / "m-finetune-cpu")
 
     s.case(f"{kind}: --method finetune, cuda = cpu", finetune_on_both)
+    sur = ["unlearn", *common, "--adapter", adapter, "--data", train, "--edits", edits, "--method", "surrogate",
+           "--surrogate-samples", 8, "--surrogate-prep-samples", 8, "--surrogate-steps", 2]
+
+    def surrogate_on_both() -> dict[str, Any]:
+        s.cli(*sur, "--device", s.device, "--out", w / "m-surrogate")
+        s.cli(*sur, "--device", "cpu", "--out", w / "m-surrogate-cpu")
+        return compare_deltas(adapter, w / "m-surrogate", w / "m-surrogate-cpu")
+
+    s.case(f"{kind}: --method surrogate, cuda = cpu", surrogate_on_both)
     for method, extra in (("ga", []), ("graddiff", []), ("npo", ["--npo-retain"]), ("kl", [])):
         s.case(f"{kind}: --method {method}", lambda m=method, x=extra: s.cli(
             *un, "--method", m, *x, "--device", s.device, "--out", w / f"m-{m}"))
