@@ -19,6 +19,7 @@ from typing import Any
 
 from ..influence import PreconditionerConfig, SolverConfig, SubspaceSurrogate
 from ..influence.config import parse_damping
+from ..influence.distributed import is_zero3
 from ..options import option
 from ..prepare import prepare
 from .accounting import estimate_from_parts
@@ -66,6 +67,8 @@ class Surrogate(Method):
 
     def run(self, job: Job) -> MethodOutput:
         cfg, engine = job.config, job.engine
+        if is_zero3(engine.model):  # its products would need the forward-difference GGN the influence plan picks
+            raise MethodError("method 'surrogate' does not run under DeepSpeed ZeRO-3 yet; use --method influence")
         pre = preparation(job)
         subset = engine.subset(cfg.samples if 0 < cfg.samples < engine.n else None, cfg.seed + 5)
         sur = SubspaceSurrogate(engine, job.edits, subset, pre.damping, pre.apply, "ggn", cfg.batch_size)
