@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import finish, stamp  # noqa: E402
 from frontier import Scenario  # noqa: E402
 from subspace_surrogate import scenario  # noqa: E402
 
 from mmerase.data import load_dataset  # noqa: E402
-from mmerase.record import machine, versions, write_json  # noqa: E402
 from mmerase.scenarios import stage, train_scenario_adapter  # noqa: E402
 
 NAME = "retrain_noise"
@@ -85,13 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             with stage(f"n = {n}: retraining with seed {seed}"):
                 size["retrainings"].append(retrain(sc, seed, args.work))
         report["sizes"].append(size)
-    report.update(machine=machine(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M %Z"),
-                  seconds=time.perf_counter() - t0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{NAME}.json", report)
-    render(report, args.out)
-    print((args.out / f"{NAME}.md").read_text())
-    return 0
+    return finish(stamp(report, t0), args.out, NAME, render)
 
 
 if __name__ == "__main__":

@@ -44,11 +44,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _report import finish, stamp  # noqa: E402
 from frontier import Scenario, engine_for, measure_retraining  # noqa: E402
 from scaling import extra_samples  # noqa: E402
 
 from mmerase.methods import Checkpoints, SurrogateConfig, unlearn  # noqa: E402
-from mmerase.record import machine, versions, write_json  # noqa: E402
 from mmerase.scenarios import ScenarioConfig, build_scenarios, stage  # noqa: E402
 
 NAME = "subspace_surrogate"
@@ -157,13 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             with stage(f"n = {n}: {json.dumps(trial)}"):
                 size["trials"].append(run_trial(sc, trial, args.seed))
         report["sizes"].append(size)
-    report.update(machine=machine(), versions=versions(), date=time.strftime("%Y-%m-%d %H:%M %Z"),
-                  seconds=time.perf_counter() - t0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / f"{args.name}.json", report)
-    render(report, args.out)
-    print((args.out / f"{args.name}.md").read_text())
-    return 0
+    return finish(stamp(report, t0), args.out, args.name, render)
 
 
 if __name__ == "__main__":
