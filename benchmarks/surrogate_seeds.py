@@ -71,6 +71,13 @@ def measure_seed(n: int, seed: int, work: Path, lrs: tuple[float, ...], surrogat
     return out
 
 
+def with_choices(report: dict[str, Any]) -> dict[str, Any]:
+    """Each seed's :func:`choices`, stored with its trials (recomputed when joining reports)."""
+    for seed in report["seeds"]:
+        seed["chosen"] = choices(seed)
+    return report
+
+
 def _cell(p: dict[str, Any] | None) -> str:
     if p is None:
         return "no point"
@@ -96,7 +103,7 @@ def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
         r, c = s["rows"]["retrained"], s["rows"]["corrupted"]
         gap = (f"{round((r['test_acc'] - c['test_acc']) * report['n_test'])} / "
                f"{100 * (r['validation_acc'] - c['validation_acc']):+.1f} points")
-        for m, chosen in choices(s).items():
+        for m, chosen in s["chosen"].items():
             lines.append(f"| {s['seed']} | {gap} | {s['rows']['corrupted']['kl_test']:.3f} | {m} | "
                          + " | ".join(_cell(chosen[str(b)]) for b in BUDGETS) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = [json.loads(f.read_text()) for f in args.merge]
         report = {**parts[-1], "seeds": [s for r in parts for s in r["seeds"]],
                   "seconds": sum(r["seconds"] for r in parts)}
-        return finish(report, args.out, args.name, lambda r, o: render(r, o, args.name))
+        return finish(with_choices(report), args.out, args.name, lambda r, o: render(r, o, args.name))
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmerase.scenarios import ScenarioConfig
 
     report = {"n": args.n, "n_test": ScenarioConfig().n_test, "lrs": lrs, "seeds": seeds}
-    return finish(stamp(report, t0), args.out, args.name, lambda r, o: render(r, o, args.name))
+    return finish(with_choices(stamp(report, t0)), args.out, args.name, lambda r, o: render(r, o, args.name))
 
 
 if __name__ == "__main__":
