@@ -105,7 +105,7 @@ def render(report: dict[str, Any], out: Path) -> None:
     finetune = {s["n"]: s["chosen"].get("finetune", {}) for s in json.loads(scaling_json.read_text())["sizes"]}
     name = report.get("name", NAME)
     run = f"`{NAME}.py`" if name == NAME else f"`{NAME}.py --name {name}`"
-    lines = [f"# A refinement whose cost does not grow with n ({run}, an experiment)", "",
+    lines = [f"# A refinement whose cost does not grow with n: --method surrogate ({run})", "",
              f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores); torch "
              f"{report['versions'].get('torch')}, transformers {report['versions'].get('transformers')}; seed "
              f"{report['seed']}; {report['date']}; {report['seconds'] / 60:.0f} min. Digits RC (100 corrected "
