@@ -80,17 +80,20 @@ def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"params": trial, "damping": result.info["damping"], "points": points}
 
 
-def scenario(n: int, work: Path, seed: int) -> Scenario:
-    """The demo's digits RC at n = 500, the scaling scenario's above (built once into ``work``)."""
-    cfg = ScenarioConfig(seed=seed, device="cpu", progress=False, tasks=("rc",))
-    pick = work / f"n{n}.pkl"
+def scenario(n: int, work: Path, seed: int, task: str = "rc") -> Scenario:
+    """The demo's digits scenario ``task`` at n = 500, the scaling scenario's above (built once into ``work``; QM and
+    IR are built together, sharing one base, RC on its own as the committed RC runs built it)."""
+    tasks = ("rc",) if task == "rc" else ("qm", "ir")
+    cfg = ScenarioConfig(seed=seed, device="cpu", progress=False, tasks=tasks)
+    stem = f"n{n}" if task == "rc" else f"n{n}-qm-ir"
+    pick = work / f"{stem}.pkl"
     if pick.is_file():
         files = pickle.loads(pick.read_bytes())
     else:
-        with stage(f"n = {n}: scenario"):
-            files = build_scenarios(work / f"n{n}", cfg, extra_samples(cfg, n) if n > 500 else ())
+        with stage(f"n = {n}: scenario {'/'.join(tasks)}"):
+            files = build_scenarios(work / stem, cfg, extra_samples(cfg, n) if n > 500 else ())
         pick.write_bytes(pickle.dumps(files))
-    return Scenario(f"digits-rc-n{n}", files, "rc", cfg)
+    return Scenario(f"digits-{task}-n{n}", files, task, cfg)
 
 
 def _cell(p: dict[str, Any]) -> str:

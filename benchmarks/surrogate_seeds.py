@@ -39,34 +39,43 @@ SURROGATE = [{"s": 128, "damping": 0.2}, {"s": 256, "damping": "auto"}, {"s": 51
              {"s": 512, "damping": 0.1}]
 
 
-def best(trials: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
-    """The last point within ``budget`` of the trial with the highest validation accuracy there (ties: the lower
-    validation loss). Accuracy, not its recovery ratio: at n = 8000 a seed's validation gap can be negative (the
-    retrained adapter below the corrupted one on the validation digits), where the ratio rewards moving away."""
+def selection_key(row: dict[str, float], task: str) -> tuple[float, ...]:
+    """Higher is better, on validation only. RC and QM: the validation accuracy (ties: the lower validation loss).
+    Accuracy, not its recovery ratio: at n = 8000 a seed's validation gap can be negative (the retrained adapter
+    below the corrupted one on the validation digits), where the ratio rewards moving away. IR, whose forget set has
+    no validation copy: the KL divergence from the retrained adapter on the validation digits, as ``frontier.py``."""
+    if task == "ir":
+        return (-row["kl_validation"],)
+    return (row["validation_acc"], -row["validation_loss"])
+
+
+def best(trials: list[dict[str, Any]], budget: float, task: str = "rc") -> dict[str, Any] | None:
+    """The last point within ``budget`` of the trial with the best :func:`selection_key` there."""
     chosen = None
     for t in trials:
         within = [p for p in t["points"] if p["fraction"] <= budget * (1 + 1e-9)]
         if not within:
             continue
-        row = within[-1]["row"]
-        key = (row["validation_acc"], -row["validation_loss"])
+        key = selection_key(within[-1]["row"], task)
         if chosen is None or key > chosen[0]:
             chosen = (key, {**within[-1], "params": t["params"]})
     return None if chosen is None else chosen[1]
 
 
-def choices(seed: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def choices(seed: dict[str, Any], task: str) -> dict[str, dict[str, Any]]:
     """Per method and budget, the point :func:`best` chooses."""
-    return {m: {str(b): best(ts, b) for b in BUDGETS} for m, ts in seed["trials"].items()}
+    return {m: {str(b): best(ts, b, task) for b in BUDGETS} for m, ts in seed["trials"].items()}
 
 
-def measure_seed(n: int, seed: int, work: Path, lrs: tuple[float, ...], surrogate: bool) -> dict[str, Any]:
-    sc = scenario(n, work, seed)
+def measure_seed(n: int, seed: int, work: Path, task: str, baselines: list[str], lrs: tuple[float, ...],
+                 surrogate: bool) -> dict[str, Any]:
+    sc = scenario(n, work, seed, task)
     out: dict[str, Any] = {"seed": seed, "rows": sc.rows, "retrain_passes": sc.retrain_passes, "trials": {}}
-    with stage(f"seed {seed}: fine-tune, {len(lrs)} learning rates"):
-        out["trials"]["finetune"] = [frontier_trial(sc, "finetune", {"lr": lr}, seed) for lr in lrs]
+    for method in baselines:
+        with stage(f"seed {seed}, {task}: {method}, {len(lrs)} learning rates"):
+            out["trials"][method] = [frontier_trial(sc, method, {"lr": lr}, seed) for lr in lrs]
     if surrogate:
-        with stage(f"seed {seed}: surrogate, {len(SURROGATE)} trials"):
+        with stage(f"seed {seed}, {task}: surrogate, {len(SURROGATE)} trials"):
             out["trials"]["surrogate"] = [surrogate_trial(sc, t, seed) for t in SURROGATE]
     return out
 
@@ -74,38 +83,58 @@ def measure_seed(n: int, seed: int, work: Path, lrs: tuple[float, ...], surrogat
 def with_choices(report: dict[str, Any]) -> dict[str, Any]:
     """Each seed's :func:`choices`, stored with its trials (recomputed when joining reports)."""
     for seed in report["seeds"]:
-        seed["chosen"] = choices(seed)
+        seed["chosen"] = choices(seed, report.get("task", "rc"))
     return report
 
 
-def _cell(p: dict[str, Any] | None) -> str:
+def _cell(p: dict[str, Any] | None, task: str) -> str:
     if p is None:
         return "no point"
-    test = "—" if p["recovery_test_acc"] is None else f"{p['recovery_test_acc']:.2f}"
+    if task == "ir":
+        test, edited = f"{p['forget_loss_rel_diff']:.2f}", p["recovery_forget_loss"]
+    else:
+        test = "—" if p["recovery_test_acc"] is None else f"{p['recovery_test_acc']:.2f}"
+        edited = p["recovery_edited_loss"]
     trial = (f"lr {p['params']['lr']:g}" if "lr" in p["params"] else
              f"S {p['params']['s']}, λ {p['params']['damping']}")
-    return (f"{test} · {p['recovery_edited_loss']:.2f} · {p['row']['kl_test']:.3f} · {p['fraction']:.2f} "
-            f"({trial})")
+    return f"{test} · {edited:.2f} · {p['row']['kl_test']:.3f} · {p['fraction']:.2f} ({trial})"
+
+
+def _gap(seed: dict[str, Any], task: str, n_test: int) -> str:
+    """What there is to recover on this seed: the test gap in digits and the validation gap (RC, QM), the forget-set
+    loss from the corrupted to the retrained adapter (IR)."""
+    r, c = seed["rows"]["retrained"], seed["rows"]["corrupted"]
+    if task == "ir":
+        return f"forget loss {c['forget_loss']:.2f} → {r['forget_loss']:.2f}"
+    return (f"{round((r['test_acc'] - c['test_acc']) * n_test)} / "
+            f"{100 * (r['validation_acc'] - c['validation_acc']):+.1f} points")
+
+
+CELL = ("Cell: test-accuracy recovery · edited-loss recovery · KL to retrained on test · × retraining (the trial) of "
+        "the trial with the best validation accuracy at that budget.",
+        "Cell: forget-set loss, relative distance to the retrained adapter's (smaller is better) · forget-loss "
+        "recovery · KL to retrained on test · × retraining (the trial) of the trial with the smallest KL to retrained "
+        "on validation at that budget.")
+GAP = ("test gap (digits) / validation gap (accuracy)", "forget loss, corrupted → retrained")
 
 
 def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
-    lines = [f"# The surrogate method against the fine-tune at n = {report['n']}, over seeds (`{NAME}.py`, "
-             f"`{name}`)", "",
+    task = report.get("task", "rc")
+    methods = " and ".join(report.get("baselines", ["finetune"]))
+    lines = [f"# The surrogate method against {methods} at n = {report['n']}, digits {task.upper()}, over seeds "
+             f"(`{NAME}.py`, `{name}`)", "",
              f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores); torch "
              f"{report['versions'].get('torch')}; {report['date']}; {report['seconds'] / 60:.0f} min (the seeds' "
-             f"processes' wall times added; they ran side by side). The fine-tune's learning rates "
+             f"processes' wall times added; they ran side by side). The baselines' learning rates "
              f"{list(report.get('lrs', LRS))}, the surrogate's (|S|, λ) {SURROGATE}.", "",
-             "Cell: test-accuracy recovery · edited-loss recovery · KL to retrained on test · × retraining (the trial) "
-             "of the trial with the best validation accuracy at that budget.", "",
-             "| seed | test gap (digits) / validation gap (accuracy) | corrupted KL | method | " + " | ".join(f"≤ {b:.0%}" for b in BUDGETS) + " |",
-             "|---|---|---|---|" + "---|" * len(BUDGETS)]
+             CELL[task == "ir"], "",
+             f"| seed | {GAP[task == 'ir']} | corrupted KL | method | " + " | ".join(f"≤ {b:.0%}" for b in BUDGETS)
+             + " |", "|---|---|---|---|" + "---|" * len(BUDGETS)]
     for s in report["seeds"]:
-        r, c = s["rows"]["retrained"], s["rows"]["corrupted"]
-        gap = (f"{round((r['test_acc'] - c['test_acc']) * report['n_test'])} / "
-               f"{100 * (r['validation_acc'] - c['validation_acc']):+.1f} points")
+        gap = _gap(s, task, report["n_test"])
         for m, chosen in s["chosen"].items():
             lines.append(f"| {s['seed']} | {gap} | {s['rows']['corrupted']['kl_test']:.3f} | {m} | "
-                         + " | ".join(_cell(chosen[str(b)]) for b in BUDGETS) + " |")
+                         + " | ".join(_cell(chosen[str(b)], task) for b in BUDGETS) + " |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -115,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--work", type=Path, default=Path("/tmp/mmerase-surrogate"))
-    p.add_argument("--lrs", default=",".join(map(str, LRS)), help="the fine-tune's learning rates")
-    p.add_argument("--no-surrogate", action="store_true", help="the fine-tune's trials only")
+    p.add_argument("--task", default="rc", choices=("rc", "qm", "ir"), help="the digits scenario")
+    p.add_argument("--baselines", default="finetune", help="comma-separated baseline methods (frontier.py's trials)")
+    p.add_argument("--lrs", default=",".join(map(str, LRS)), help="the baselines' learning rates")
+    p.add_argument("--no-surrogate", action="store_true", help="the baselines' trials only")
     p.add_argument("--name", default=NAME, help="the output files' stem")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="join these reports' seeds into one report")
     args = p.parse_args(argv)
@@ -129,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     lrs = tuple(float(x) for x in args.lrs.split(","))
-    seeds = [measure_seed(args.n, int(s), args.work / f"seed{s}" if int(s) else args.work, lrs, not args.no_surrogate)
-             for s in args.seeds.split(",")]
+    baselines = args.baselines.split(",")
+    seeds = [measure_seed(args.n, int(s), args.work / f"seed{s}" if int(s) else args.work, args.task, baselines, lrs,
+                          not args.no_surrogate) for s in args.seeds.split(",")]
     from mmerase.scenarios import ScenarioConfig
 
-    report = {"n": args.n, "n_test": ScenarioConfig().n_test, "lrs": lrs, "seeds": seeds}
+    report = {"n": args.n, "n_test": ScenarioConfig().n_test, "task": args.task, "baselines": baselines, "lrs": lrs,
+              "seeds": seeds}
     return finish(with_choices(stamp(report, t0)), args.out, args.name, lambda r, o: render(r, o, args.name))
 
 
