@@ -37,6 +37,9 @@ from mmerase.scenarios import stage  # noqa: E402
 NAME = "surrogate_seeds"
 SURROGATE = [{"s": 128, "damping": 0.2}, {"s": 256, "damping": "auto"}, {"s": 512, "damping": "auto"},
              {"s": 512, "damping": 0.1}]
+#: the surrogate's variants (``--surrogates``), each with the same four trials: the quadratic model, and the anchored
+#: refinement (``--surrogate-anchored``)
+VARIANTS = {"surrogate": SURROGATE, "surrogate-anchored": [{**t, "anchored": True} for t in SURROGATE]}
 
 
 def selection_key(row: dict[str, float], task: str) -> tuple[float, ...]:
@@ -68,16 +71,27 @@ def choices(seed: dict[str, Any], task: str) -> dict[str, dict[str, Any]]:
 
 
 def measure_seed(n: int, seed: int, work: Path, task: str, baselines: list[str], lrs: tuple[float, ...],
-                 surrogate: bool) -> dict[str, Any]:
+                 variants: list[str]) -> dict[str, Any]:
     sc = scenario(n, work, seed, task)
     out: dict[str, Any] = {"seed": seed, "rows": sc.rows, "retrain_passes": sc.retrain_passes, "trials": {}}
     for method in baselines:
         with stage(f"seed {seed}, {task}: {method}, {len(lrs)} learning rates"):
             out["trials"][method] = [frontier_trial(sc, method, {"lr": lr}, seed) for lr in lrs]
-    if surrogate:
-        with stage(f"seed {seed}, {task}: surrogate, {len(SURROGATE)} trials"):
-            out["trials"]["surrogate"] = [surrogate_trial(sc, t, seed) for t in SURROGATE]
+    for name in variants:
+        with stage(f"seed {seed}, {task}: {name}, {len(VARIANTS[name])} trials"):
+            out["trials"][name] = [surrogate_trial(sc, t, seed) for t in VARIANTS[name]]
     return out
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several runs' reports: a seed's trials from every run that measured it (its rows from the
+    first), the runs' times added."""
+    seeds: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        for s in part["seeds"]:
+            seeds.setdefault(s["seed"], {**s, "trials": {}})["trials"].update(s["trials"])
+    return {**parts[-1], "seeds": [seeds[k] for k in sorted(seeds)], "seconds": sum(r["seconds"] for r in parts),
+            "baselines": sorted({b for r in parts for b in r.get("baselines", ["finetune"])})}
 
 
 def with_choices(report: dict[str, Any]) -> dict[str, Any]:
@@ -148,21 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", default="finetune", help="comma-separated baseline methods (frontier.py's trials)")
     p.add_argument("--lrs", default=",".join(map(str, LRS)), help="the baselines' learning rates")
     p.add_argument("--no-surrogate", action="store_true", help="the baselines' trials only")
+    p.add_argument("--surrogates", default="surrogate", help=f"comma-separated variants: {', '.join(VARIANTS)}")
     p.add_argument("--name", default=NAME, help="the output files' stem")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="join these reports' seeds into one report")
     args = p.parse_args(argv)
     if args.merge:
-        parts = [json.loads(f.read_text()) for f in args.merge]
-        report = {**parts[-1], "seeds": [s for r in parts for s in r["seeds"]],
-                  "seconds": sum(r["seconds"] for r in parts)}
+        report = merge([json.loads(f.read_text()) for f in args.merge])
         return finish(with_choices(report), args.out, args.name, lambda r, o: render(r, o, args.name))
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     lrs = tuple(float(x) for x in args.lrs.split(","))
-    baselines = args.baselines.split(",")
+    baselines = [b for b in args.baselines.split(",") if b]
+    variants = [] if args.no_surrogate else args.surrogates.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--surrogates: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     seeds = [measure_seed(args.n, int(s), args.work / f"seed{s}" if int(s) else args.work, args.task, baselines, lrs,
-                          not args.no_surrogate) for s in args.seeds.split(",")]
+                          variants) for s in args.seeds.split(",")]
     from mmerase.scenarios import ScenarioConfig
 
     report = {"n": args.n, "n_test": ScenarioConfig().n_test, "task": args.task, "baselines": baselines, "lrs": lrs,

@@ -510,13 +510,16 @@ def test_estimate_prints_the_cost_and_writes_nothing(scenarios, tmp_path, capsys
     assert stdout.strip().endswith("nothing was written")
     code, stdout, _ = _run_cli(sc, "influence", tmp_path / "inf", "--estimate", capsys=capsys)
     assert code == 0 and "at most" in stdout and not (tmp_path / "inf").exists()
-    # the surrogate's estimate is approximate: within a factor 2 of the passes its run counts
-    code, stdout, _ = _run_cli(sc, "surrogate", tmp_path / "sur", "--estimate", capsys=capsys)
-    assert code == 0 and not (tmp_path / "sur").exists()
-    estimated = float(stdout.split(" sample passes")[0].split()[-1])
-    assert _run_cli(sc, "surrogate", tmp_path / "sur")[0] == 0
-    counted = json.loads((tmp_path / "sur" / "mmerase_record.json").read_text())["accounting"]["sample_passes"]
-    assert counted / 2 <= estimated <= 2 * counted
+    # the surrogate's estimate is approximate: within a factor 2 of the passes its run counts, anchored or not
+    for name, extra in (("sur", ()), ("anchored", ("--surrogate-anchored",))):
+        code, stdout, _ = _run_cli(sc, "surrogate", tmp_path / name, "--estimate", *extra, capsys=capsys)
+        assert code == 0 and not (tmp_path / name).exists()
+        estimated = float(stdout.split(" sample passes")[0].split()[-1])
+        assert _run_cli(sc, "surrogate", tmp_path / name, *extra)[0] == 0
+        rec = json.loads((tmp_path / name / "mmerase_record.json").read_text())
+        assert rec["result"]["anchored"] == bool(extra)
+        counted = rec["accounting"]["sample_passes"]
+        assert counted / 2 <= estimated <= 2 * counted, (name, estimated, counted)
 
 
 def test_nf4_base_gradients_equal_those_of_the_dequantized_linear(tiny_llava_dir):

@@ -14,7 +14,7 @@ from lora_points import perturb_lora_b
 
 from mmerase.data import Sample
 from mmerase import methods as M
-from mmerase.influence import Edit, InfluenceEngine, SubspaceSurrogate
+from mmerase.influence import AnchoredSurrogate, Edit, InfluenceEngine, SubspaceSurrogate
 from mmerase.influence import vectors as V
 from mmerase.models import LoadOptions, LoraSettings, load_model
 
@@ -109,6 +109,46 @@ def test_correction_steps_lower_the_surrogate_to_its_stationary_point(setup):
     stationarity = h @ f - g_old + _grad(bundle, engine, CORRECTED, f) / engine.n
     assert stationarity.norm() / rhs.norm() < 1e-6
     assert values[-1] < values[0]  # the plain update was not already stationary
+    sur.restore()
+
+
+def test_anchored_steps_lower_its_objective_to_its_stationary_point(setup):
+    """AnchoredSurrogate with S = {a, b, d} for a correction of d: S_R = {a, b} (d, the old sample, is left out);
+    its value is A(x) computed from plain losses, its steps lower A monotonically to a point where A's gradient,
+    by plain autograd, vanishes, away from the quadratic surrogate's answer. λ is the GGN's top eigenvalue: the tiny
+    model is untrained, so with less A's minimiser lies far from θ̂ (a trained adapter's retained loss holds it)."""
+    bundle, engine, _, lam = setup
+    lam = 10 * lam  # the setup's λ is 0.1 × the top eigenvalue
+    edit = Edit(old=TRAIN[3], new=CORRECTED)
+    sur = AnchoredSurrogate(engine, [edit], [0, 1, 3], lam, batch_size=2)
+    retained, w, n = TRAIN[:2], 3 / 4, engine.n
+    zero = torch.zeros(sum(p.numel() for p in engine.params), dtype=torch.float64)
+    g_old = _grad(bundle, engine, TRAIN[3]) / n
+    anchor = sum(_loss(bundle, engine, z, zero) for z in retained) / 2
+    anchor_grad = sum(_grad(bundle, engine, z) for z in retained) / 2
+
+    def objective(f):
+        train = sum(_loss(bundle, engine, z, f) for z in retained) / 2 - anchor - anchor_grad @ f
+        return float(w * train + 0.5 * lam * f @ f - g_old @ f) + _loss(bundle, engine, CORRECTED, f) / n
+
+    def gradient(f):
+        train = sum(_grad(bundle, engine, z, f) for z in retained) / 2 - anchor_grad
+        return w * train + lam * f - g_old + _grad(bundle, engine, CORRECTED, f) / n
+
+    x = sur.krylov(60)
+    plain = V.flatten(x)
+    mine = sur.value(x)
+    sur.restore()
+    values = [objective(plain)]
+    assert abs(mine - values[0]) < 1e-10 * abs(values[0])
+    for _ in range(15):
+        x = sur.step(x)
+        sur.restore()
+        values.append(objective(V.flatten(x)))
+    assert all(b <= a + 1e-14 for a, b in zip(values, values[1:]))
+    f = V.flatten(x)
+    assert gradient(f).norm() / gradient(zero).norm() < 1e-6
+    assert (f - plain).norm() / plain.norm() > 1e-3  # the steps moved beyond the quadratic surrogate's answer
     sur.restore()
 
 

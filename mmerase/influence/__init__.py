@@ -8,11 +8,11 @@ from .errors import InfluenceError, NotPositiveDefiniteError, SolverDivergedErro
 from .plan import SolvePlan, resolve
 from .precondition import Preconditioner, PreconditionerConfig, build_preconditioner
 from .registry import CURVATURES, SOLVERS
-from .surrogate import SubspaceSurrogate
+from .surrogate import AnchoredSurrogate, SubspaceSurrogate
 from .task import Task
 
 __all__ = [
-    "SubspaceSurrogate",
+    "AnchoredSurrogate", "SubspaceSurrogate",
     "CURVATURES", "Curvature", "Edit", "InfluenceEngine", "InfluenceError", "NotPositiveDefiniteError",
     "Preconditioner", "PreconditionerConfig", "SOLVERS", "SolvePlan", "SolveResult", "SolverConfig",
     "SolverDivergedError", "Task", "build_preconditioner", "make_curvature", "resolve",

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..influence import PreconditionerConfig, SolverConfig, SubspaceSurrogate
+from ..influence import AnchoredSurrogate, PreconditionerConfig, SolverConfig, SubspaceSurrogate
 from ..influence.config import parse_damping
 from ..influence.distributed import is_zero3
 from ..options import option
@@ -48,6 +48,10 @@ class SurrogateConfig:
     prep_samples: int = option(128, flag="--surrogate-prep-samples", help=(
         "training pairs of the EK-FAC preparation built in the request (the directions' preconditioner)"))
     batch_size: int = option(128, flag="--surrogate-batch-size", help="samples per product / gradient chunk")
+    anchored: bool = option(False, flag="--surrogate-anchored", help=(
+        "refine on S's retained pairs themselves, anchored at the adapter (their loss change since θ̂ replaces the "
+        "quadratic model in the steps' line search): about |S| more passes per step, a removal moves beyond the "
+        "first Newton step"))
     seed: int = option(0, flag="--surrogate-seed", help="seed of S, the preparation's samples and Lanczos start")
     progress: bool | None = option(None, help="progress bars of the preparation (default: only on a terminal)")
 
@@ -74,7 +78,8 @@ class Surrogate(Method):
             raise MethodError("method 'surrogate' does not run under DeepSpeed ZeRO-3 yet; use --method influence")
         pre = preparation(job)
         subset = engine.subset(cfg.samples if 0 < cfg.samples < engine.n else None, cfg.seed + 5)
-        sur = SubspaceSurrogate(engine, job.edits, subset, pre.damping, pre.apply, "ggn", cfg.batch_size)
+        kind = AnchoredSurrogate if cfg.anchored else SubspaceSurrogate
+        sur = kind(engine, job.edits, subset, pre.damping, pre.apply, "ggn", cfg.batch_size)
         checkpoint = Influence.checkpointer(job)
         x = sur.krylov(cfg.krylov)
         for step in range(1, cfg.steps + 2):
@@ -84,7 +89,7 @@ class Surrogate(Method):
                 engine.set_parameters(sur.saved, x)
                 checkpoint(step, None, {})
         value = sur.value(x)  # leaves the model at θ̂ + x: the method's answer
-        info = {"surrogate_samples": len(subset), "damping": pre.damping, "directions": len(sur.basis),
+        info = {"surrogate_samples": len(subset), "anchored": cfg.anchored, "damping": pre.damping, "directions": len(sur.basis),
                 "steps": cfg.steps, "surrogate_value": value,
                 "summary": f"{len(sur.basis)} directions over {len(subset)} sampled pairs, λ {pre.damping:.3g}, "
                            f"{cfg.steps} steps, surrogate {value:.4g}"}
@@ -93,7 +98,7 @@ class Surrogate(Method):
     def estimate(self, job: Job, costs: dict[str, Any]) -> dict[str, Any]:
         """Approximate: the preparation (about three passes per sample, the auto λ's 5 products over 64 pairs), b,
         one product over S per direction, and per step the new samples' gradient and a line search of at most 5
-        forwards of them."""
+        forwards of them (anchored: S's gradient once and per step, and two forwards of S per step)."""
         cfg, engine = job.config, job.engine
         s = cfg.samples if 0 < cfg.samples < engine.n else engine.n
         olds = sum(e.old is not None for e in job.edits)
@@ -102,6 +107,8 @@ class Surrogate(Method):
         parts = {"preparation": (3 * cfg.prep_samples, 5 * 64 if cfg.damping == "auto" else 0.0),
                  "b": (olds + news, 0.0), "products": (0.0, directions * s),
                  "steps": (cfg.steps * (news + 5 * news / 3), 0.0)}
+        if cfg.anchored:
+            parts["anchor"] = ((cfg.steps + 1) * s + cfg.steps * 2 * s / 3, 0.0)
         return estimate_from_parts(parts, costs, "approximate; a step whose direction adds nothing new skips its "
                                    "product")
 
