@@ -1,18 +1,26 @@
-"""``--method surrogate`` against the tuned fine-tune at n = 8000, over seeds, with the same number of trials each.
+"""``--method surrogate`` against the tuned baselines at n = 8000, over seeds, with the same number of trials each.
 
-    python benchmarks/surrogate_seeds.py [--n 8000] [--seeds 0,1,2] [--out DIR] [--work DIR]
-    python benchmarks/surrogate_seeds.py --merge A.json B.json ...   (seeds run as separate processes, one report)
+    python benchmarks/surrogate_seeds.py [--task rc|qm|ir] [--n 8000] [--seeds 0,1,2] [--baselines finetune,...]
+                                         [--surrogates surrogate,surrogate-anchored] [--out DIR] [--work DIR]
+    python benchmarks/surrogate_seeds.py --merge A.json B.json ... [--name NAME]   (one report from several runs)
 
-Per seed: the scaling scenario (digits RC, 100 corrected answers among n pairs; a seed draws the split, the
-corruptions, the augmented pairs and every training run), then four trials per method — the fine-tune at the
-frontier's four learning rates (``frontier.run_trial``: checkpoints at 3%, 10%, 30%, 100% of a retraining), the
-surrogate at |S|, λ ∈ {(128, 0.2), (256, auto), (512, auto), (512, 0.1)} (``subspace_surrogate.run_trial``: 10
-Krylov directions, 5 steps, scored after each). At each budget, each method's trial whose last point within it has
-the best validation accuracy, reported on test. The surrogate trials were fixed after seed 0's sweep
-(``subspace_surrogate_s.md``): seeds 1 and 2 are the fresh test. Outputs ``surrogate_seeds.{json,md}``; the
-committed run ran each seed as its own process and joined them with ``--merge``. ``--lrs`` / ``--no-surrogate`` /
-``--name`` run other fine-tune learning rates alone (the committed ``surrogate_seeds_lowlr``: 1e-5 and 3e-5 on seeds
-1 and 2, whether a gentler fine-tune than the frontier's grid allows does better).
+Per seed: the scaling scenario (the digits scenario ``--task`` with 100 edits among n pairs; a seed draws the split,
+the corruptions, the augmented pairs and every training run), then four trials per method — each baseline at the
+frontier's four learning rates (``frontier.run_trial``: checkpoints at 3%, 10%, 30%, 100% of a retraining), each
+surrogate variant at |S|, λ ∈ {(128, 0.2), (256, auto), (512, auto), (512, 0.1)} (``subspace_surrogate.run_trial``:
+10 Krylov directions, 5 steps, scored after each; ``surrogate-anchored`` adds ``--surrogate-anchored``). At each
+budget, each method's trial whose last point within it scores best on validation (:func:`selection_key`), reported
+on test. The surrogate trials were fixed after seed 0's RC sweep (``subspace_surrogate_s.md``): the other seeds and
+tasks are the fresh test. ``--merge`` joins runs (a seed's trials from every run that measured it): the committed
+reports ran each seed × (baselines, surrogates) as its own process. Outputs ``NAME.{json,md}``:
+
+- ``surrogate_seeds``: RC, the fine-tune and both surrogate variants;
+- ``surrogate_seeds_qm``: QM, the fine-tune and both variants;
+- ``surrogate_seeds_ir``: IR, the fine-tune, graddiff (the frontier's best IR baseline at a full retraining) and
+  both variants; the report adds the smallest forget-loss distance each method reaches (read with the retrained
+  adapter), since the validation KL IR is chosen on barely tells the trials apart at this size;
+- ``surrogate_seeds_lowlr``: ``--lrs 1e-5,3e-5 --no-surrogate`` on RC seeds 1 and 2 (whether a gentler fine-tune
+  than the frontier's grid does better).
 """
 
 from __future__ import annotations
@@ -134,7 +142,7 @@ GAP = ("test gap (digits) / validation gap (accuracy)", "forget loss, corrupted 
 
 def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
     task = report.get("task", "rc")
-    methods = " and ".join(report.get("baselines", ["finetune"]))
+    methods = " and ".join(report.get("baselines", ["finetune"])) or "no baseline"
     lines = [f"# The surrogate method against {methods} at n = {report['n']}, digits {task.upper()}, over seeds "
              f"(`{NAME}.py`, `{name}`)", "",
              f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores); torch "
@@ -149,7 +157,48 @@ def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
         for m, chosen in s["chosen"].items():
             lines.append(f"| {s['seed']} | {gap} | {s['rows']['corrupted']['kl_test']:.3f} | {m} | "
                          + " | ".join(_cell(chosen[str(b)], task) for b in BUDGETS) + " |")
+    lines += mean_rows(report, task)
+    if task == "ir":
+        lines += reachable_rows(report)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def headline(p: dict[str, Any], task: str) -> float | None:
+    """The figure a budget's choice is judged by: test-accuracy recovery (RC, QM), the forget-set loss's relative
+    distance to the retrained adapter's (IR)."""
+    return p["forget_loss_rel_diff"] if task == "ir" else p["recovery_test_acc"]
+
+
+def mean_rows(report: dict[str, Any], task: str) -> list[str]:
+    """Per method and budget, the mean over seeds of the chosen points' headline figure."""
+    what = "forget-loss distance (smaller is better)" if task == "ir" else "test-accuracy recovery"
+    lines = ["", f"Mean over seeds of the chosen points' {what}:", "",
+             "| method | " + " | ".join(f"≤ {b:.0%}" for b in BUDGETS) + " |", "|---|" + "---|" * len(BUDGETS)]
+    for m in report["seeds"][0]["chosen"]:
+        cells = []
+        for b in BUDGETS:
+            values = [headline(s["chosen"][m][str(b)], task) if s["chosen"][m][str(b)] else None
+                      for s in report["seeds"]]
+            cells.append("—" if None in values else f"{sum(values) / len(values):.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def reachable_rows(report: dict[str, Any]) -> list[str]:
+    """IR: per seed, method and budget, the smallest forget-loss distance any trial's point within the budget
+    reaches — read off with the retrained adapter, so what a method can reach, not a setting chosen on validation."""
+    lines = ["", "The smallest forget-loss distance any trial reaches within each budget (read with the retrained "
+             "adapter: what the method can reach, not a choice a user could make on validation):", "",
+             "| seed | method | " + " | ".join(f"≤ {b:.0%}" for b in BUDGETS) + " |", "|---|---|" + "---|" * len(BUDGETS)]
+    for s in report["seeds"]:
+        for m, trials in s["trials"].items():
+            cells = []
+            for b in BUDGETS:
+                within = [p["forget_loss_rel_diff"] for t in trials for p in t["points"]
+                          if p["fraction"] <= b * (1 + 1e-9)]
+                cells.append(f"{min(within):.2f}" if within else "no point")
+            lines.append(f"| {s['seed']} | {m} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,10 @@ steps. Cost: ≈ 470 + 23.3·|S| sample passes, then ≈ 170 + 2.3·|S| per step
 (``benchmarks/subspace_surrogate_s.md``). Where it pays: large training sets (at n = 8000 it recovers at least as
 much held-out accuracy as a fine-tune at every budget from 10% of a retraining); on small ones (n = 500) its fixed
 cost exceeds a retraining and the fine-tune wins.
+
+With ``anchored`` the steps line-search the sampled retained pairs' own loss change since θ̂ instead of the quadratic
+model (:class:`mmerase.influence.AnchoredSurrogate`): a removal can then move past the first Newton step, at about
+|S| more passes per step.
 """
 
 from __future__ import annotations
