@@ -112,8 +112,13 @@ class Scenario:
     def bundle(self, adapter: Path) -> Any:
         return load_model(self.files.base, adapter=adapter, options=self.options)
 
-    def evaluate(self, bundle: Any) -> dict[str, float]:
-        return evaluate_bundle(bundle, self.sets)
+    def evaluate(self, bundle: Any) -> dict[str, Any]:
+        """``evaluate_bundle``'s rows; IR's also keep each removed pair's loss (``forget_losses``, in the edits
+        file's order), so that a report can choose on some of the pairs and report on the others."""
+        row: dict[str, Any] = evaluate_bundle(bundle, self.sets)
+        if self.task == "ir":
+            row["forget_losses"] = bundle.per_sample_losses(self.sets["forget"][0], batch_size=64).tolist()
+        return row
 
     @torch.no_grad()
     def distributions(self, bundle: Any) -> dict[str, list[torch.Tensor]]:

@@ -50,32 +50,48 @@ SURROGATE = [{"s": 128, "damping": 0.2}, {"s": 256, "damping": "auto"}, {"s": 51
 VARIANTS = {"surrogate": SURROGATE, "surrogate-anchored": [{**t, "anchored": True} for t in SURROGATE]}
 
 
-def selection_key(row: dict[str, float], task: str) -> tuple[float, ...]:
+def half_distance(row: dict[str, Any], reference: dict[str, Any], half: int) -> float:
+    """IR: the mean loss over one half of the removed pairs (``half`` 0: the 1st, 3rd, 5th … in the edits file,
+    1: the others), its relative distance to the retrained adapter's (``reference``) on the same pairs."""
+    mine, ref = row["forget_losses"][half::2], reference["forget_losses"][half::2]
+    target = sum(ref) / len(ref)
+    return abs(sum(mine) / len(mine) - target) / abs(target)
+
+
+def selection_key(row: dict[str, Any], task: str, reference: dict[str, Any] | None = None) -> tuple[float, ...]:
     """Higher is better, on validation only. RC and QM: the validation accuracy (ties: the lower validation loss).
     Accuracy, not its recovery ratio: at n = 8000 a seed's validation gap can be negative (the retrained adapter
     below the corrupted one on the validation digits), where the ratio rewards moving away. IR, whose forget set has
-    no validation copy: the KL divergence from the retrained adapter on the validation digits, as ``frontier.py``."""
+    no validation copy: the KL divergence from the retrained adapter on the validation digits, as ``frontier.py``;
+    or, with the retrained adapter's row as ``reference`` (``--select forget-half``), the forget-loss distance on
+    the first half of the removed pairs (:func:`half_distance`), the second half being the test."""
     if task == "ir":
-        return (-row["kl_validation"],)
+        return (-row["kl_validation"],) if reference is None else (-half_distance(row, reference, 0),)
     return (row["validation_acc"], -row["validation_loss"])
 
 
-def best(trials: list[dict[str, Any]], budget: float, task: str = "rc") -> dict[str, Any] | None:
+def best(trials: list[dict[str, Any]], budget: float, task: str = "rc",
+         reference: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The last point within ``budget`` of the trial with the best :func:`selection_key` there."""
     chosen = None
     for t in trials:
         within = [p for p in t["points"] if p["fraction"] <= budget * (1 + 1e-9)]
         if not within:
             continue
-        key = selection_key(within[-1]["row"], task)
+        key = selection_key(within[-1]["row"], task, reference)
         if chosen is None or key > chosen[0]:
             chosen = (key, {**within[-1], "params": t["params"]})
     return None if chosen is None else chosen[1]
 
 
-def choices(seed: dict[str, Any], task: str) -> dict[str, dict[str, Any]]:
+def reference(report: dict[str, Any], seed: dict[str, Any]) -> dict[str, Any] | None:
+    """The retrained adapter's row when IR is chosen on half the removed pairs (``--select forget-half``)."""
+    return seed["rows"]["retrained"] if report.get("select") == "forget-half" else None
+
+
+def choices(seed: dict[str, Any], task: str, ref: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Per method and budget, the point :func:`best` chooses."""
-    return {m: {str(b): best(ts, b, task) for b in BUDGETS} for m, ts in seed["trials"].items()}
+    return {m: {str(b): best(ts, b, task, ref) for b in BUDGETS} for m, ts in seed["trials"].items()}
 
 
 def measure_seed(n: int, seed: int, work: Path, task: str, baselines: list[str], lrs: tuple[float, ...],
@@ -105,15 +121,15 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def with_choices(report: dict[str, Any]) -> dict[str, Any]:
     """Each seed's :func:`choices`, stored with its trials (recomputed when joining reports)."""
     for seed in report["seeds"]:
-        seed["chosen"] = choices(seed, report.get("task", "rc"))
+        seed["chosen"] = choices(seed, report.get("task", "rc"), reference(report, seed))
     return report
 
 
-def _cell(p: dict[str, Any] | None, task: str) -> str:
+def _cell(p: dict[str, Any] | None, task: str, ref: dict[str, Any] | None = None) -> str:
     if p is None:
         return "no point"
     if task == "ir":
-        test, edited = f"{p['forget_loss_rel_diff']:.2f}", p["recovery_forget_loss"]
+        test, edited = f"{headline(p, task, ref):.2f}", p["recovery_forget_loss"]
     else:
         test = "—" if p["recovery_test_acc"] is None else f"{p['recovery_test_acc']:.2f}"
         edited = p["recovery_edited_loss"]
@@ -137,6 +153,11 @@ CELL = ("Cell: test-accuracy recovery · edited-loss recovery · KL to retrained
         "Cell: forget-set loss, relative distance to the retrained adapter's (smaller is better) · forget-loss "
         "recovery · KL to retrained on test · × retraining (the trial) of the trial with the smallest KL to retrained "
         "on validation at that budget.")
+#: IR's cell when chosen on half the removed pairs
+CELL_HALF = ("Cell: forget-set loss on the second half of the removed pairs, relative distance to the retrained "
+             "adapter's on the same pairs (smaller is better) · forget-loss recovery (all pairs) · KL to retrained on "
+             "test · × retraining (the trial) of the trial with the smallest distance on the first half of the "
+             "removed pairs at that budget.")
 GAP = ("test gap (digits) / validation gap (accuracy)", "forget loss, corrupted → retrained")
 
 
@@ -149,24 +170,27 @@ def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
              f"{report['versions'].get('torch')}; {report['date']}; {report['seconds'] / 60:.0f} min (the seeds' "
              f"processes' wall times added; they ran side by side). The baselines' learning rates "
              f"{list(report.get('lrs', LRS))}, the surrogate's (|S|, λ) {SURROGATE}.", "",
-             CELL[task == "ir"], "",
+             CELL_HALF if report.get("select") == "forget-half" else CELL[task == "ir"], "",
              f"| seed | {GAP[task == 'ir']} | corrupted KL | method | " + " | ".join(f"≤ {b:.0%}" for b in BUDGETS)
              + " |", "|---|---|---|---|" + "---|" * len(BUDGETS)]
     for s in report["seeds"]:
-        gap = _gap(s, task, report["n_test"])
+        gap, ref = _gap(s, task, report["n_test"]), reference(report, s)
         for m, chosen in s["chosen"].items():
             lines.append(f"| {s['seed']} | {gap} | {s['rows']['corrupted']['kl_test']:.3f} | {m} | "
-                         + " | ".join(_cell(chosen[str(b)], task) for b in BUDGETS) + " |")
+                         + " | ".join(_cell(chosen[str(b)], task, ref) for b in BUDGETS) + " |")
     lines += mean_rows(report, task)
     if task == "ir":
         lines += reachable_rows(report)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def headline(p: dict[str, Any], task: str) -> float | None:
+def headline(p: dict[str, Any], task: str, ref: dict[str, Any] | None = None) -> float | None:
     """The figure a budget's choice is judged by: test-accuracy recovery (RC, QM), the forget-set loss's relative
-    distance to the retrained adapter's (IR)."""
-    return p["forget_loss_rel_diff"] if task == "ir" else p["recovery_test_acc"]
+    distance to the retrained adapter's (IR; with ``ref``, the retrained row, on the second half of the removed
+    pairs, the first having chosen the point)."""
+    if task != "ir":
+        return p["recovery_test_acc"]
+    return p["forget_loss_rel_diff"] if ref is None else half_distance(p["row"], ref, 1)
 
 
 def mean_rows(report: dict[str, Any], task: str) -> list[str]:
@@ -177,7 +201,7 @@ def mean_rows(report: dict[str, Any], task: str) -> list[str]:
     for m in report["seeds"][0]["chosen"]:
         cells = []
         for b in BUDGETS:
-            values = [headline(s["chosen"][m][str(b)], task) if s["chosen"][m][str(b)] else None
+            values = [headline(s["chosen"][m][str(b)], task, reference(report, s)) if s["chosen"][m][str(b)] else None
                       for s in report["seeds"]]
             cells.append("—" if None in values else f"{sum(values) / len(values):.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -194,7 +218,7 @@ def reachable_rows(report: dict[str, Any]) -> list[str]:
         for m, trials in s["trials"].items():
             cells = []
             for b in BUDGETS:
-                within = [p["forget_loss_rel_diff"] for t in trials for p in t["points"]
+                within = [headline(p, "ir", reference(report, s)) for t in trials for p in t["points"]
                           if p["fraction"] <= b * (1 + 1e-9)]
                 cells.append(f"{min(within):.2f}" if within else "no point")
             lines.append(f"| {s['seed']} | {m} | " + " | ".join(cells) + " |")
@@ -212,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", default=",".join(map(str, LRS)), help="the baselines' learning rates")
     p.add_argument("--no-surrogate", action="store_true", help="the baselines' trials only")
     p.add_argument("--surrogates", default="surrogate", help=f"comma-separated variants: {', '.join(VARIANTS)}")
+    p.add_argument("--select", default="kl", choices=("kl", "forget-half"),
+                   help="IR's validation: the KL to retrained on the validation digits, or the forget-loss distance "
+                        "on the first half of the removed pairs (reported on the second)")
     p.add_argument("--name", default=NAME, help="the output files' stem")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="join these reports' seeds into one report")
     args = p.parse_args(argv)
@@ -232,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmerase.scenarios import ScenarioConfig
 
     report = {"n": args.n, "n_test": ScenarioConfig().n_test, "task": args.task, "baselines": baselines, "lrs": lrs,
-              "seeds": seeds}
+              "select": args.select, "seeds": seeds}
     return finish(with_choices(stamp(report, t0)), args.out, args.name, lambda r, o: render(r, o, args.name))
 
 
