@@ -193,8 +193,10 @@ def build_preparation(engine: InfluenceEngine, spec: dict[str, Any], seed: int) 
     return prep.preconditioner, (counted.forward + 2 * counted.backward) / 3
 
 
-def run_trial(sc: Scenario, method: str, params: dict[str, Any], seed: int) -> dict[str, Any]:
-    """One run; a snapshot of the adapter at every checkpoint, scored afterwards."""
+def run_trial(sc: Scenario, method: str, params: dict[str, Any], seed: int,
+              budgets: tuple[float, ...] = BUDGETS) -> dict[str, Any]:
+    """One run; a snapshot of the adapter at every checkpoint (a baseline's: at each of ``budgets`` × one
+    retraining), scored afterwards."""
     bundle, engine = engine_for(sc, method)
     snapshots: list[tuple[dict[str, Any], list[torch.Tensor]]] = []
     t_cpu = time.process_time()
@@ -215,8 +217,8 @@ def run_trial(sc: Scenario, method: str, params: dict[str, Any], seed: int) -> d
         checkpoints, budget = Checkpoints(keep), None
     else:
         config = CONFIGS[method](**{**params, "seed": seed, "batch_size": 16, "progress": False})
-        checkpoints = Checkpoints(keep, at=tuple(b * sc.retrain_passes for b in BUDGETS))
-        budget = max(BUDGETS) * sc.retrain_passes
+        checkpoints = Checkpoints(keep, at=tuple(b * sc.retrain_passes for b in budgets))
+        budget = max(budgets) * sc.retrain_passes
     theta_hat = [p.detach().clone() for p in engine.params]
     error = None
     try:
