@@ -81,13 +81,18 @@ def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"params": trial, "damping": result.info["damping"], "points": points}
 
 
+def scenario_pickle(n: int, work: Path, task: str = "rc") -> Path:
+    """Where :func:`scenario` keeps the built scenario's files (``Scenarios``, pickled) for ``task`` at ``n``."""
+    return work / (f"n{n}.pkl" if task == "rc" else f"n{n}-qm-ir.pkl")
+
+
 def scenario(n: int, work: Path, seed: int, task: str = "rc") -> Scenario:
     """The demo's digits scenario ``task`` at n = 500, the scaling scenario's above (built once into ``work``; QM and
     IR are built together, sharing one base, RC on its own as the committed RC runs built it)."""
     tasks = ("rc",) if task == "rc" else ("qm", "ir")
     cfg = ScenarioConfig(seed=seed, device="cpu", progress=False, tasks=tasks)
-    stem = f"n{n}" if task == "rc" else f"n{n}-qm-ir"
-    pick = work / f"{stem}.pkl"
+    pick = scenario_pickle(n, work, task)
+    stem = pick.stem
     if pick.is_file():
         files = pickle.loads(pick.read_bytes())
     else:

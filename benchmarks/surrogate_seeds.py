@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import finish, stamp  # noqa: E402
 from frontier import BUDGETS, LRS, run_trial as frontier_trial  # noqa: E402
-from subspace_surrogate import run_trial as surrogate_trial, scenario  # noqa: E402
+from subspace_surrogate import run_trial as surrogate_trial, scenario, scenario_pickle  # noqa: E402
 
 from mmerase.scenarios import stage  # noqa: E402
 
@@ -107,7 +108,8 @@ def choices(seed: dict[str, Any], task: str, ref: dict[str, Any] | None = None) 
 def measure_seed(n: int, seed: int, work: Path, task: str, baselines: list[str], lrs: tuple[float, ...],
                  variants: list[str]) -> dict[str, Any]:
     sc = scenario(n, work, seed, task)
-    out: dict[str, Any] = {"seed": seed, "rows": sc.rows, "retrain_passes": sc.retrain_passes, "trials": {}}
+    out: dict[str, Any] = {"seed": seed, "rows": sc.rows, "retrain_passes": sc.retrain_passes,
+                           "retrain_cpu_s": sc.files.retrain_cpu_seconds(task), "trials": {}}
     for method in baselines:
         with stage(f"seed {seed}, {task}: {method}, {len(lrs)} learning rates"):
             out["trials"][method] = [frontier_trial(sc, method, {"lr": lr}, seed, REPORT_BUDGETS) for lr in lrs]
@@ -115,6 +117,21 @@ def measure_seed(n: int, seed: int, work: Path, task: str, baselines: list[str],
         with stage(f"seed {seed}, {task}: {name}, {len(VARIANTS[name])} trials"):
             out["trials"][name] = [surrogate_trial(sc, t, seed) for t in VARIANTS[name]]
     return out
+
+
+def seed_work(work: Path, seed: int) -> Path:
+    """The folder a seed's scenarios are built in (seed 0 in ``work`` itself, as the first runs built it)."""
+    return work / f"seed{seed}" if seed else work
+
+
+def with_retrain_cpu(report: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Fill each seed's ``retrain_cpu_s`` (the retraining's CPU time, measured when its scenario was built) from the
+    scenarios kept in ``work``, for reports measured before it was stored with them."""
+    for s in report["seeds"]:
+        pick = scenario_pickle(report["n"], seed_work(work, s["seed"]), report.get("task", "rc"))
+        if s.get("retrain_cpu_s") is None and pick.is_file():
+            s["retrain_cpu_s"] = pickle.loads(pick.read_bytes()).retrain_cpu_seconds(report.get("task", "rc"))
+    return report
 
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,6 +245,22 @@ def mean_rows(report: dict[str, Any], task: str) -> list[str]:
                       for s in report["seeds"]]
             cells.append("—" if None in values else f"{sum(values) / len(values):.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + cpu_rows(report)
+
+
+def cpu_rows(report: dict[str, Any]) -> list[str]:
+    """Per method and budget, the chosen points' CPU time over the seed's retraining's (mean over seeds), where
+    every seed has its retraining's CPU time (measured when the scenario was built, on the same machine)."""
+    if any(s.get("retrain_cpu_s") is None for s in report["seeds"]):
+        return []
+    lines = ["", "Mean over seeds of the chosen points' CPU time, × one retraining's (the retraining timed when the "
+             "seed's scenario was built; sample passes are in the cells above):", "",
+             "| method | " + " | ".join(f"≤ {b:.0%}" for b in REPORT_BUDGETS) + " |",
+             "|---|" + "---|" * len(REPORT_BUDGETS)]
+    for m in report["seeds"][0]["chosen"]:
+        values = [[s["chosen"][m][str(b)]["cpu_s"] / s["retrain_cpu_s"] if s["chosen"][m][str(b)] else None
+                   for s in report["seeds"]] for b in REPORT_BUDGETS]
+        lines.append(f"| {m} | " + " | ".join("—" if None in v else f"{sum(v) / len(v):.2f}" for v in values) + " |")
     return lines
 
 
@@ -311,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         plot([with_choices(json.loads(f.read_text())) for f in args.plot], args.out / f"{args.name}.png")
         return 0
     if args.merge:
-        report = merge([json.loads(f.read_text()) for f in args.merge])
+        report = with_retrain_cpu(merge([json.loads(f.read_text()) for f in args.merge]), args.work)
         return finish(with_choices(report), args.out, args.name, lambda r, o: render(r, o, args.name))
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -322,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"--surrogates: unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    seeds = [measure_seed(args.n, int(s), args.work / f"seed{s}" if int(s) else args.work, args.task, baselines, lrs,
-                          variants) for s in args.seeds.split(",")]
+    seeds = [measure_seed(args.n, int(s), seed_work(args.work, int(s)), args.task, baselines, lrs, variants)
+             for s in args.seeds.split(",")]
     from mmerase.scenarios import ScenarioConfig
 
     report = {"n": args.n, "n_test": ScenarioConfig().n_test, "task": args.task, "baselines": baselines, "lrs": lrs,
