@@ -61,7 +61,8 @@ def run_trial(sc: Scenario, trial: dict[str, Any], seed: int) -> dict[str, Any]:
     excluded) and score."""
     torch.manual_seed(seed)
     bundle, engine = engine_for(sc, "influence")
-    config = SurrogateConfig(samples=trial["s"], damping=trial["damping"], krylov=KRYLOV, steps=STEPS,
+    config = SurrogateConfig(samples=trial["s"], damping=trial["damping"], krylov=trial.get("krylov", KRYLOV),
+                             steps=trial.get("steps", STEPS),
                              prep_samples=PREP_SAMPLES, batch_size=BATCH, seed=seed,
                              anchored=trial.get("anchored", False))
     snapshots, t_cpu = [], time.process_time()
