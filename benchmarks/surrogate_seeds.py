@@ -10,8 +10,10 @@ the corruptions, the augmented pairs and every training run), then four trials p
 frontier's four learning rates (``frontier.run_trial``: checkpoints at 3%, 10%, 20%, 30%, 100% of a retraining),
 each surrogate variant at |S|, λ ∈ {(128, 0.2), (256, auto), (512, auto), (512, 0.1)}
 (``subspace_surrogate.run_trial``: 10 Krylov directions, 5 steps, scored after each; ``surrogate-anchored`` adds
-``--surrogate-anchored``). At each budget (the frontier's and 20%, the cost target), each method's trial whose last
-point within it scores best on validation (:func:`selection_key`), reported on test. The surrogate trials were fixed
+``--surrogate-anchored``; ``anchored-steps`` is the anchored refinement with 3 Krylov directions and 10–20 steps,
+four (|S|, steps) trials of its own: :data:`ANCHORED_STEPS`). At each budget (the frontier's and 20%, the cost
+target), each method's trial whose last point within it scores best on validation (:func:`selection_key`), reported
+on test. The surrogate trials were fixed
 after seed 0's RC sweep (``subspace_surrogate_s.md``): the other seeds and tasks are the fresh test. ``--merge``
 joins runs (a seed's trials from every run that measured it): the committed reports ran each seed × (baselines,
 surrogates) as its own process. Outputs ``NAME.{json,md}``:
@@ -26,6 +28,9 @@ surrogates) as its own process. Outputs ``NAME.{json,md}``:
   baselines checkpointed at 20% too);
 - ``surrogate_seeds_frontier.png``: ``--plot`` of ``surrogate_seeds``, ``surrogate_seeds_qm`` and
   ``surrogate_seeds_ir_half``;
+- ``surrogate_seeds_ir_steps``: ``surrogate_seeds_ir_half`` with ``--surrogates anchored-steps`` added on seeds
+  0–4 (where its trials were shaped) and fresh seeds 5 and 6 with the fine-tune, graddiff and both anchored
+  variants (the test of the shape);
 - ``surrogate_seeds_lowlr``: ``--lrs 1e-5,3e-5 --no-surrogate`` on RC seeds 1 and 2 (whether a gentler fine-tune
   than the frontier's grid does better).
 """
@@ -203,7 +208,7 @@ def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
              f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores); torch "
              f"{report['versions'].get('torch')}; {report['date']}; {report['seconds'] / 60:.0f} min (the seeds' "
              f"processes' wall times added; they ran side by side). The baselines' learning rates "
-             f"{list(report.get('lrs', LRS))}, the surrogate's (|S|, λ) {SURROGATE}.", "",
+             f"{list(report.get('lrs', LRS))}, the surrogate's (|S|, λ) {SURROGATE}{grid_note(report)}.", "",
              CELL_HALF if report.get("select") == "forget-half" else CELL[task == "ir"], "",
              *late_target(report),
              f"| seed | {GAP[task == 'ir']} | corrupted KL | method | "
@@ -218,6 +223,14 @@ def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
     if task == "ir":
         lines += reachable_rows(report)
     (out / f"{name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def grid_note(report: dict[str, Any]) -> str:
+    """The anchored-steps variant's trials, when the report has them."""
+    if not any("anchored-steps" in s["trials"] for s in report["seeds"]):
+        return ""
+    trials = ", ".join(f"({t['s']}, {t['damping']}, {t['krylov']}, {t['steps']})" for t in ANCHORED_STEPS)
+    return f"; anchored-steps' (|S|, λ, Krylov directions, steps) {trials}"
 
 
 def late_target(report: dict[str, Any]) -> list[str]:
@@ -247,14 +260,30 @@ def mean_rows(report: dict[str, Any], task: str) -> list[str]:
     lines = ["", f"Mean over seeds of the chosen points' {what}:", "",
              "| method | " + " | ".join(f"≤ {b:.0%}" for b in REPORT_BUDGETS) + " |",
              "|---|" + "---|" * len(REPORT_BUDGETS)]
-    for m in report["seeds"][0]["chosen"]:
+    for m in methods(report):
         cells = []
         for b in REPORT_BUDGETS:
             values = [headline(s["chosen"][m][str(b)], task, reference(report, s)) if s["chosen"][m][str(b)] else None
-                      for s in report["seeds"]]
+                      for s in seeds_with(report, m)]
             cells.append("—" if None in values else f"{sum(values) / len(values):.2f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method_label(report, m)} | " + " | ".join(cells) + " |")
     return lines + cpu_rows(report)
+
+
+def methods(report: dict[str, Any]) -> list[str]:
+    """Every method some seed measured, in the order first measured."""
+    return list(dict.fromkeys(m for s in report["seeds"] for m in s["chosen"]))
+
+
+def seeds_with(report: dict[str, Any], method: str) -> list[dict[str, Any]]:
+    """The seeds that measured ``method`` (a joined report's later seeds may lack a method)."""
+    return [s for s in report["seeds"] if method in s["chosen"]]
+
+
+def method_label(report: dict[str, Any], method: str) -> str:
+    """The method's name, with the seeds its means are over when not all of them."""
+    ids = [s["seed"] for s in seeds_with(report, method)]
+    return method if len(ids) == len(report["seeds"]) else f"{method} (seeds {', '.join(map(str, ids))})"
 
 
 def cpu_rows(report: dict[str, Any]) -> list[str]:
@@ -266,10 +295,11 @@ def cpu_rows(report: dict[str, Any]) -> list[str]:
              "seed's scenario was built; sample passes are in the cells above):", "",
              "| method | " + " | ".join(f"≤ {b:.0%}" for b in REPORT_BUDGETS) + " |",
              "|---|" + "---|" * len(REPORT_BUDGETS)]
-    for m in report["seeds"][0]["chosen"]:
+    for m in methods(report):
         values = [[s["chosen"][m][str(b)]["cpu_s"] / s["retrain_cpu_s"] if s["chosen"][m][str(b)] else None
-                   for s in report["seeds"]] for b in REPORT_BUDGETS]
-        lines.append(f"| {m} | " + " | ".join("—" if None in v else f"{sum(v) / len(v):.2f}" for v in values) + " |")
+                   for s in seeds_with(report, m)] for b in REPORT_BUDGETS]
+        cells = ["—" if None in v else f"{sum(v) / len(v):.2f}" for v in values]
+        lines.append(f"| {method_label(report, m)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -305,17 +335,17 @@ def plot(reports: list[dict[str, Any]], png: Path) -> None:
     fig, axes = plt.subplots(1, len(reports), figsize=(4.4 * len(reports), 3.9), squeeze=False)
     for ax, report in zip(axes[0], reports):
         task = report.get("task", "rc")
-        for method in report["seeds"][0]["chosen"]:
-            color = COLORS.get(method, "black")
+        for method in methods(report):
+            color, measured = COLORS.get(method, "black"), seeds_with(report, method)
             xs, means = [], []
             for b in REPORT_BUDGETS:
-                values = [headline(c, task, reference(report, s)) for s in report["seeds"]
+                values = [headline(c, task, reference(report, s)) for s in measured
                           if (c := s["chosen"][method][str(b)]) is not None]
-                if len(values) == len(report["seeds"]):
+                if len(values) == len(measured):
                     ax.scatter([b] * len(values), values, s=10, color=color, alpha=0.5)
                     xs.append(b)
                     means.append(sum(values) / len(values))
-            ax.plot(xs, means, marker="o", color=color, label=method)
+            ax.plot(xs, means, marker="o", color=color, label=method_label(report, method))
         ax.axhline(0.1 if task == "ir" else 0.8, color="grey", ls="--", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("budget (× one retraining's sample passes)")

@@ -55,3 +55,19 @@ def test_kl_selection_is_unchanged_without_the_option(seeds_mod):
     rep["seeds"][0]["trials"]["finetune"][1]["points"][0]["row"]["kl_validation"] = 0.03
     assert seeds_mod.with_choices(rep)["seeds"][0]["chosen"]["finetune"]["0.1"]["params"] == {"lr": 1e-4}
     assert json.loads(json.dumps(rep))["seeds"][0]["chosen"]["finetune"]["0.1"]["fraction"] == 0.1
+
+
+def test_means_of_a_joined_report_are_over_the_seeds_that_measured_each_method(seeds_mod):
+    # seed 0 measured the fine-tune and "surrogate"; seed 1 the fine-tune only (a later run without that variant)
+    first, second = report("forget-half"), report("forget-half")
+    first["seeds"][0]["trials"]["surrogate"] = [
+        {"params": {"s": 128}, "points": [point(0.1, [3.0, 2.4, 3.0, 2.4], 0.02)]}]
+    second["seeds"][0]["seed"] = 1
+    second["seeds"][0]["trials"]["finetune"][0]["points"][0]["row"]["forget_losses"] = [3.0, 3.0, 3.0, 3.0]
+    rep = seeds_mod.with_choices({"task": "ir", "select": "forget-half", "seeds": first["seeds"] + second["seeds"]})
+    rows = {line.split(" | ")[0]: line for line in seeds_mod.mean_rows(rep, "ir") if line.startswith("| ")}
+    budgets = list(seeds_mod.REPORT_BUDGETS)
+    at_10 = 1 + budgets.index(0.1)
+    # the fine-tune over both seeds: (|2.6 − 2| / 2 + |3 − 2| / 2) / 2 = 0.4; the surrogate, seed 0: |2.4 − 2| / 2
+    assert rows["| finetune"].split(" | ")[at_10] == "0.40"
+    assert rows["| surrogate (seeds 0)"].split(" | ")[at_10] == "0.20"

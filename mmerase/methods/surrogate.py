@@ -55,7 +55,8 @@ class SurrogateConfig:
     anchored: bool = option(False, flag="--surrogate-anchored", help=(
         "refine on S's retained pairs themselves, anchored at the adapter (their loss change since θ̂ replaces the "
         "quadratic model in the steps' line search): about |S| more passes per step, a removal moves beyond the "
-        "first Newton step"))
+        "first Newton step; the steps do the work, so give it few --surrogate-krylov directions (3) and more "
+        "--surrogate-steps"))
     seed: int = option(0, flag="--surrogate-seed", help="seed of S, the preparation's samples and Lanczos start")
     progress: bool | None = option(None, help="progress bars of the preparation (default: only on a terminal)")
 
@@ -93,8 +94,8 @@ class Surrogate(Method):
                 engine.set_parameters(sur.saved, x)
                 checkpoint(step, None, {})
         value = sur.value(x)  # leaves the model at θ̂ + x: the method's answer
-        info = {"surrogate_samples": len(subset), "anchored": cfg.anchored, "damping": pre.damping, "directions": len(sur.basis),
-                "steps": cfg.steps, "surrogate_value": value,
+        info = {"surrogate_samples": len(subset), "anchored": cfg.anchored, "damping": pre.damping,
+                "directions": len(sur.basis), "steps": cfg.steps, "surrogate_value": value,
                 "summary": f"{len(sur.basis)} directions over {len(subset)} sampled pairs, λ {pre.damping:.3g}, "
                            f"{cfg.steps} steps, surrogate {value:.4g}"}
         return MethodOutput(info=info)
