@@ -28,9 +28,11 @@ surrogates) as its own process. Outputs ``NAME.{json,md}``:
   baselines checkpointed at 20% too);
 - ``surrogate_seeds_frontier.png``: ``--plot`` of ``surrogate_seeds``, ``surrogate_seeds_qm`` and
   ``surrogate_seeds_ir_half``;
-- ``surrogate_seeds_ir_steps``: ``surrogate_seeds_ir_half`` with ``--surrogates anchored-steps`` added on seeds
-  0–4 (where its trials were shaped) and fresh seeds 5 and 6 with the fine-tune, graddiff and both anchored
-  variants (the test of the shape);
+- ``surrogate_seeds_ir_steps``: ``surrogate_seeds_ir_half_5seeds`` with ``--surrogates anchored-steps`` added on
+  seeds 0–4, where its trials were shaped;
+- ``surrogate_seeds_ir_fresh``: seeds 5–7, new, with the fine-tune, graddiff, ``surrogate-anchored``,
+  ``anchored-steps`` (fresh on all three) and ``anchored-steps-0.01`` (its λ chosen after seeds 5 and 6: fresh on
+  seed 7 only);
 - ``surrogate_seeds_lowlr``: ``--lrs 1e-5,3e-5 --no-surrogate`` on RC seeds 1 and 2 (whether a gentler fine-tune
   than the frontier's grid does better).
 """
@@ -229,11 +231,11 @@ def render(report: dict[str, Any], out: Path, name: str = NAME) -> None:
 
 
 def grid_note(report: dict[str, Any]) -> str:
-    """The anchored-steps variant's trials, when the report has them."""
-    if not any("anchored-steps" in s["trials"] for s in report["seeds"]):
+    """The anchored-steps variants' trials, when the report has them."""
+    if not any(m.startswith("anchored-steps") for s in report["seeds"] for m in s["trials"]):
         return ""
     trials = ", ".join(f"({t['s']}, {t['damping']}, {t['krylov']}, {t['steps']})" for t in ANCHORED_STEPS)
-    return f"; anchored-steps' (|S|, λ, Krylov directions, steps) {trials}"
+    return f"; anchored-steps' (|S|, λ, Krylov directions, steps) {trials} (anchored-steps-0.01: λ 0.01)"
 
 
 def late_target(report: dict[str, Any]) -> list[str]:
