@@ -28,11 +28,9 @@ surrogates) as its own process. Outputs ``NAME.{json,md}``:
   baselines checkpointed at 20% too);
 - ``surrogate_seeds_frontier.png``: ``--plot`` of ``surrogate_seeds``, ``surrogate_seeds_qm`` and
   ``surrogate_seeds_ir_half``;
-- ``surrogate_seeds_ir_steps``: ``surrogate_seeds_ir_half_5seeds`` with ``--surrogates anchored-steps`` added on
-  seeds 0–4, where its trials were shaped;
-- ``surrogate_seeds_ir_fresh``: seeds 5–7, new, with the fine-tune, graddiff, ``surrogate-anchored``,
-  ``anchored-steps`` (fresh on all three) and ``anchored-steps-0.01`` (its λ chosen after seeds 5 and 6: fresh on
-  seed 7 only);
+- ``surrogate_seeds_ir_fresh``: IR with ``--select forget-half`` on seeds 5–7, new, with the fine-tune, graddiff,
+  ``surrogate-anchored``, ``anchored-steps`` (its trials shaped on exploratory runs on seeds 0–4) and
+  ``anchored-steps-0.01`` (its λ chosen after seeds 5 and 6: fresh on seed 7 only);
 - ``surrogate_seeds_lowlr``: ``--lrs 1e-5,3e-5 --no-surrogate`` on RC seeds 1 and 2 (whether a gentler fine-tune
   than the frontier's grid does better).
 """
@@ -68,7 +66,7 @@ REPORT_BUDGETS = tuple(sorted(BUDGETS + (0.2,)))
 #: the anchored refinement with its passes moved from the plain update's Krylov solve into steps (3 directions, then
 #: steps to 0.14–0.54 of a retraining at n = 8000): shaped on IR seeds 0–4, tested on fresh seeds 5 and 6. There the
 #: auto λ's proximal term held the steps 0.15–0.20 short of the retrained forget loss; ``anchored-steps-0.01`` is the
-#: same trials at λ = 0.01 (measured on seeds 5 and 6 after that, and on a fresh seed 7)
+#: same trials at λ = 0.01 (seed 7 is its fresh test)
 ANCHORED_STEPS = [{"s": 64, "damping": "auto", "krylov": 3, "steps": 20},
                   {"s": 128, "damping": "auto", "krylov": 3, "steps": 16},
                   {"s": 256, "damping": "auto", "krylov": 3, "steps": 16},
@@ -359,7 +357,8 @@ def plot(reports: list[dict[str, Any]], png: Path) -> None:
         ax.set_ylabel(what)
         if task == "ir":
             ax.set_yscale("log")
-        ax.set_title(f"digits {task.upper()}, n = {report['n']}, {len(report['seeds'])} seeds")
+        ids = [s["seed"] for s in report["seeds"]]
+        ax.set_title(f"digits {task.upper()}, n = {report['n']}, seeds {ids[0]}–{ids[-1]}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
