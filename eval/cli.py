@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import EvalError, UserError
+from .io import one_line, shown
 from .judge import Redactor
 
 PROG = "mmerase eval"
@@ -147,7 +148,9 @@ def _add_mmvet(sub: Any) -> argparse.ArgumentParser:
                         "prices)")
     g.add_argument("--price-in", type=_nonneg_float, metavar="USD", help="input price per 1M tokens (with --price-out)")
     g.add_argument("--price-out", type=_nonneg_float, metavar="USD", help="output price per 1M tokens")
-    g.add_argument("--cache", type=Path, metavar="FILE", help="judge cache file (default: <out>/judge_cache.jsonl)")
+    g.add_argument("--cache", type=Path, metavar="FILE",
+                   help="judge cache file (default: <out>/judge_cache.jsonl): a new or empty file, or one an earlier "
+                        "run made (first line {\"mmerase_judge_cache\": 1}); any other file is refused untouched")
     g.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="progress bar on stderr; auto = only on a terminal")
     _add_common(p, 1)
@@ -338,7 +341,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"unlearning: table written to {args.out / 'unlearning_summary.md'}, figure to "
               f"{args.out / 'unlearning_summary.png'}")
         return 0
-    raise UserError(f"unknown command {args.command!r}")  # pragma: no cover
+    raise UserError(f"unknown command {shown(args.command)}")  # pragma: no cover
 
 
 def rbench_line(res: dict[str, Any], args: argparse.Namespace) -> str:
@@ -358,8 +361,22 @@ def rbench_line(res: dict[str, Any], args: argparse.Namespace) -> str:
     return f"{head} {acc:.{places}f} {tail}; results in {out}"
 
 
+MAX_LINE_BYTES = 999  # an error or warning line on stderr, its newline making 1000
+
+
+def stderr_line(message: str) -> str:
+    """``message`` as the one line printed on stderr: :func:`mmerase.fileio.one_line` (control characters escaped,
+    bounded), then cut to :data:`MAX_LINE_BYTES` of UTF-8, since escapes and multi-byte characters make the text
+    longer than the characters it keeps."""
+    line = one_line(message)
+    data = line.encode("utf-8")
+    if len(data) <= MAX_LINE_BYTES:
+        return line
+    return data[: MAX_LINE_BYTES - len("… (cut)".encode())].decode("utf-8", "ignore") + "… (cut)"
+
+
 def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    print(stderr_line(f"warning: {message}"), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
@@ -381,7 +398,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
         except EvalError as e:
-            print(redact(f"error: {e}"), file=sys.stderr)
+            print(stderr_line(redact(f"error: {e}")), file=sys.stderr)  # redacted first: a cut key stays hidden
             return e.exit_code
         except KeyboardInterrupt:
             print("error: interrupted; everything answered so far is kept, rerun the same command to resume",

@@ -20,6 +20,8 @@ from .io import (
     ensure_out_dir,
     iter_jsonl,
     read_json_or_jsonl,
+    shown,
+    shown_some,
     write_json,
     write_jsonl,
 )
@@ -65,11 +67,11 @@ def run_rbench(
 
     started = time.time()
     if mode not in rbench.MODES:
-        raise UserError(f"--mode must be one of {', '.join(rbench.MODES)}, not {mode!r}")
+        raise UserError(f"--mode must be one of {', '.join(rbench.MODES)}, not {shown(mode)}")
     if eval_kind not in EVAL_KINDS:
-        raise UserError(f"--eval must be one of {', '.join(EVAL_KINDS)}, not {eval_kind!r}")
+        raise UserError(f"--eval must be one of {', '.join(EVAL_KINDS)}, not {shown(eval_kind)}")
     if eval_kind != "subsets" and subset_ids:
-        raise UserError(f"--subset-ids is for --eval subsets; --eval {eval_kind} takes no id files")
+        raise UserError(f"--subset-ids is for --eval subsets; --eval {shown(eval_kind, quote=False)} takes no id files")
     check_out_dir(out)
     if eval_kind == "box":
         return _run_rbench_box(questions, predictions, out, decimal_places, argv, started)
@@ -114,7 +116,7 @@ def _id_subsets(paths: Sequence[Path]) -> dict[str, list[str]]:
     for p in paths:
         name = Path(p).stem
         if name in subsets:
-            raise UserError(f"{p}: two subset files share the name {name!r}")
+            raise UserError(f"{p}: two subset files share the name {shown(name)}")
         subsets[name] = load_subset_ids(p)
     return subsets
 
@@ -203,7 +205,7 @@ def run_rbench_draw(
 ) -> int:
     """Write ``images/<question_id>.png`` with the drawn instances and ``questions_<kind>.jsonl`` with the rewritten
     question and image path, ready for a model's answer generation. Returns the number of questions."""
-    from .rbench_draw import prepare_instance
+    from .rbench_draw import prepare_instance, safe_file_stem
 
     started = time.time()
     check_out_dir(out)
@@ -217,13 +219,22 @@ def run_rbench_draw(
                    or k not in rec]
         if missing:
             raise UserError(f"{questions}: question {i} lacks {', '.join(missing)}")
+    stems: set[str] = set()
+    for i, rec in enumerate(data, start=1):
+        try:
+            stem = safe_file_stem(rec["question_id"])
+        except UserError as e:
+            raise UserError(f"{questions}: question {i}: {e}") from None
+        if stem in stems:
+            raise UserError(f"{questions}: question {i}: question_id {shown(stem)} given twice (each names an image)")
+        stems.add(stem)
     out = ensure_out_dir(out)
     (out / "images").mkdir(exist_ok=True)
     rows = []
     with OutDirLock(out):
         for rec in data:
             img, text = prepare_instance(rec, image_dir, kind, mask_dir, sub_color, obj_color)
-            rel = f"images/{rec['question_id']}.png"
+            rel = f"images/{safe_file_stem(rec['question_id'])}.png"
             img.save(out / rel)
             rows.append({**rec, "text": text, "image": rel, "original_text": rec["text"],
                          "original_image": rec["image"]})
@@ -242,9 +253,9 @@ def parse_named_files(items: Sequence[str], flag: str = "--records") -> dict[str
     for item in items:
         name, sep, path = str(item).partition("=")
         if not sep or not name or not path:
-            raise UserError(f"{flag} expects NAME=FILE, got {item!r}")
+            raise UserError(f"{flag} expects NAME=FILE, got {shown(item)}")
         if name in out:
-            raise UserError(f"{flag}: name {name!r} given twice")
+            raise UserError(f"{flag}: name {shown(name)} given twice")
         out[name] = Path(path)
     return out
 
@@ -311,17 +322,17 @@ def compute_unlearning_records(base: str | None, adapters: Sequence[str], splits
         raise UserError("computing records needs --base, --adapters NAME=DIR ... and --splits SPLIT=FILE ...")
     named_adapters = {k: str(v) for k, v in parse_named_files(adapters, "--adapters").items()}
     named_splits = parse_named_files(splits, "--splits")
-    for name, path in {**{f"adapter {k}": Path(v) for k, v in named_adapters.items()},
-                       **{f"split {k}": v for k, v in named_splits.items()}}.items():
+    for name, path in {**{f"adapter {shown(k)}": Path(v) for k, v in named_adapters.items()},
+                       **{f"split {shown(k)}": v for k, v in named_splits.items()}}.items():
         if not path.exists():
-            raise UserError(f"{name}: {path} not found")
+            raise UserError(f"{name}: {shown(str(path))} not found")
     for role, name in (("corrupted", corrupted), ("retrained", retrained)):
         if name is not None and name not in named_adapters:
-            raise UserError(f"--{role} {name!r} is not one of the --adapters: {sorted(named_adapters)}")
+            raise UserError(f"--{role} {shown(name)} is not one of the --adapters: {shown_some(sorted(named_adapters), 10)}")
     if corrupted is not None and retrained is None:
         raise UserError("--corrupted needs --retrained: the recovery ratio is measured between both")
     if not 0 < min_k <= 1:
-        raise UserError(f"--min-k must be in (0, 1], got {min_k}")
+        raise UserError(f"--min-k must be in (0, 1], got {shown(min_k)}")
     check_out_dir(out)
     from mmerase.models import LoadOptions
 

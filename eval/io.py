@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,10 @@ from mmerase.fileio import (
     atomic_write_text,
     dumps,
     jsonl_lines,
+    one_line,
+    parse_json,
     sha256_file,
+    shown,
     write_json,
     write_jsonl,
 )
@@ -33,6 +36,18 @@ def user_errors() -> Iterator[None]:
         yield
     except fileio.FileFormatError as e:
         raise UserError(str(e)) from None
+
+
+def shown_some(values: Sequence[Any], n: int = 3) -> str:
+    """At most ``n`` of ``values`` as a message may list them (each through :func:`~mmerase.fileio.shown`)."""
+    head = ", ".join(shown(v) for v in list(values[:n]))
+    return head + (f" and {len(values) - n} more" if len(values) > n else "")
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A UTF-8 text file's content (:func:`mmerase.fileio.read_text`)."""
+    with user_errors():
+        return fileio.read_text(path)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -117,5 +132,5 @@ class OutDirLock:
 
 
 __all__ = ["OutDirLock", "atomic_write_bytes", "atomic_write_text", "check_out_dir", "dumps", "ensure_out_dir",
-           "iter_jsonl", "jsonl_lines", "read_json", "read_json_or_jsonl", "sha256_file", "user_errors", "write_json",
-           "write_jsonl"]
+           "iter_jsonl", "jsonl_lines", "one_line", "parse_json", "read_json", "read_json_or_jsonl", "read_text", "sha256_file",
+           "shown", "shown_some", "user_errors", "write_json", "write_jsonl"]

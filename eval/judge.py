@@ -7,7 +7,9 @@ Why our own retries: the ``openai`` client is built with ``max_retries=0`` so th
 Why a cache: judged runs cost money and take hours. Every successful reply is appended to a JSONL file (flushed and
 fsynced per record) under a hash of (judge model, prompt, prediction, temperature, run index, max_tokens). A killed
 run re-reads the file and asks nothing that was already answered; a changed prediction or ground truth changes the
-prompt and is judged again. Failures are never written to the cache.
+prompt and is judged again. Failures are never written to the cache. The file's first line is the header
+``{"mmerase_judge_cache": 1}``: mmerase writes to no file it did not create, so an existing file without that header
+(the predictions or an adapter given to ``--cache`` by mistake) is refused without being opened for writing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import stat
 import threading
 import time
 import warnings
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import EvalError, UserError
-from .io import dumps
+from .io import dumps, parse_json, shown
 from .pricing import CostCapReached, CostMeter
 
 CACHE_FORMAT = "mmerase-judge-cache/1"
@@ -197,11 +200,88 @@ def cache_key(model: str, prompt: str, prediction: str, temperature: float, run:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-class JudgeCache:
-    """Append-only JSONL of successful judge replies, one object per line with a ``key`` field.
+CACHE_HEADER = {"mmerase_judge_cache": 1}  # the first line of every judge cache file; 1 = this record layout
+HEADER_LINE = (dumps(CACHE_HEADER) + "\n").encode("utf-8")
+_HEADER_PROBE = 4096  # bytes read from an existing file to tell whether it is a judge cache
 
-    Each record is flushed and fsynced as it is written, so at most the line being written when the process died is
-    lost; such a torn last line is skipped (and counted in ``bad_lines``) when the file is read back.
+
+def _not_a_cache(path: Path, first: bytes, complete: bool) -> UserError:
+    """The refusal of an existing file whose first line is not :data:`HEADER_LINE`, saying what it seems to be."""
+    header = HEADER_LINE.decode().strip()
+    rec: Any = None
+    if complete:
+        try:
+            rec = parse_json(first.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError and JSONContentError are ValueErrors
+            rec = None
+    if isinstance(rec, dict) and "mmerase_judge_cache" in rec:
+        return UserError(f"{path}: a judge cache of format {shown(rec['mmerase_judge_cache'])}, which this mmerase "
+                         f"does not read (it reads {header}); left untouched, give --cache another file")
+    if isinstance(rec, dict) and "key" in rec and "content" in rec:
+        return UserError(f"{path}: not an mmerase judge cache: its first line is not the header {header} (it looks "
+                         "like a cache from before caches had one; to reuse it, insert that line at its top); left "
+                         "untouched, mmerase writes to no file it did not create")
+    return UserError(f"{path}: not an mmerase judge cache (its first line is not {header}); left untouched, since "
+                     "mmerase writes to no file it did not create: give --cache a new path or a cache made by "
+                     "'mmerase eval mmvet'")
+
+
+def _read_cache_file(path: Path, *, whole: bool) -> tuple[str, bytes, tuple[int, int] | None]:
+    """``(state, content, (st_dev, st_ino))`` of a judge cache path, opened read-only and written to never.
+
+    ``state`` is ``"missing"``, ``"empty"`` (0 bytes: it can become a cache, nothing is lost) or ``"cache"`` (the
+    first line is :data:`HEADER_LINE`); anything else is refused with a :class:`UserError` after reading at most
+    :data:`_HEADER_PROBE` bytes. ``content`` is the whole file with ``whole``, else only what was read to check it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # O_NONBLOCK: a FIFO cannot hang us here
+    except FileNotFoundError:
+        return "missing", b"", None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the judge cache ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise UserError(f"{path}: is a folder; --cache takes a judge cache file")
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: not a regular file, so not an mmerase judge cache; left untouched")
+        ident = (st.st_dev, st.st_ino)
+        if st.st_size == 0:
+            return "empty", b"", ident
+        head = b""
+        while len(head) < _HEADER_PROBE and b"\n" not in head:
+            block = os.read(fd, _HEADER_PROBE - len(head))
+            if not block:
+                break
+            head += block
+        first, newline, _ = head.partition(b"\n")
+        if first != HEADER_LINE.rstrip(b"\n"):
+            raise _not_a_cache(path, first, complete=bool(newline) or len(head) < _HEADER_PROBE)
+        if not whole:
+            return "cache", head, ident
+        chunks = [head]
+        while block := os.read(fd, 1 << 20):
+            chunks.append(block)
+        return "cache", b"".join(chunks), ident
+    finally:
+        os.close(fd)
+
+
+def check_cache_file(path: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, a judge cache path that is an existing file other than an empty one or an mmerase
+    judge cache (its first line :data:`HEADER_LINE`): such a file is never opened for writing. Creates nothing."""
+    _read_cache_file(Path(path), whole=False)
+
+
+class JudgeCache:
+    """Append-only JSONL of successful judge replies: the header line :data:`HEADER_LINE`, then one object per line
+    with a ``key`` field.
+
+    mmerase writes only to a cache it made: a missing file is created with the header (an empty one gets it), and an
+    existing file whose first line is not the header is refused (:class:`UserError`) without being opened for
+    writing, so a ``--cache`` pointed at the predictions or an adapter by mistake costs nothing. Each record is
+    flushed and fsynced as it is written, so at most the line being written when the process died is lost; such a
+    torn last line is skipped (and counted in ``bad_lines``) when the file is read back, and cut off the file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -209,47 +289,83 @@ class JudgeCache:
         self._lock = threading.Lock()
         self._records: dict[str, dict[str, Any]] = {}
         self.bad_lines = 0
-        if self.path.exists():
-            self._load()
+        state, data, ident = _read_cache_file(self.path, whole=True)
+        if state == "missing":
+            self._create()
+            state, data, ident = _read_cache_file(self.path, whole=True)
+            if state == "missing":  # a symbolic link to nowhere: O_EXCL would not write through it
+                raise UserError(f"{self.path}: cannot create the judge cache (a symbolic link to a missing file?)")
+        self._load(data)
         try:
             self._fh = open(self.path, "a", encoding="utf-8")
         except OSError as e:
             raise UserError(f"{self.path}: cannot open judge cache for appending ({e.strerror})") from None
-        self._repair_tail()
+        try:
+            st = os.fstat(self._fh.fileno())
+            if (st.st_dev, st.st_ino) != ident or st.st_size != len(data):
+                raise UserError(f"{self.path}: the judge cache changed while it was being opened (is another run "
+                                "using it?); left as it is, run again")
+            if state == "empty":
+                self._write_raw(HEADER_LINE.decode("utf-8"))
+            else:
+                self._repair_tail(data)
+        except BaseException:
+            self._fh.close()
+            raise
 
-    def _repair_tail(self) -> None:
+    def _create(self) -> None:
+        """A new cache file holding only the header; never replaces a file (``O_EXCL``)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # appeared meanwhile (or a dangling symbolic link): checked again by the caller
+            return
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot create the judge cache ({e.strerror})") from None
+        try:
+            os.write(fd, HEADER_LINE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_raw(self, text: str) -> None:
+        self._fh.write(text)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def _repair_tail(self, data: bytes) -> None:
         """A last line without its newline was being written when the process died: drop it if it is not a
-        complete record (it was counted in ``bad_lines``), else finish it, so new records start on a fresh line."""
-        with open(self.path, "rb") as f:
-            data = f.read()
-        if not data or data.endswith(b"\n"):
+        complete record (it was counted in ``bad_lines``), else finish it, so new records start on a fresh line.
+        Only ever called on a file whose header was checked, through the descriptor opened on that same file."""
+        if data.endswith(b"\n"):
             return
         start = data.rfind(b"\n") + 1
-        try:
-            rec = json.loads(data[start:])
-            complete = isinstance(rec, dict) and "key" in rec and "content" in rec
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            complete = False
-        if complete:
-            self._fh.write("\n")
-            self._fh.flush()
+        if start == 0 or self._record(data[start:]) is not None:  # the header itself, or a whole record
+            self._write_raw("\n")
         else:
-            os.truncate(self.path, start)
+            self._fh.flush()
+            os.ftruncate(self._fh.fileno(), start)
 
-    def _load(self) -> None:
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    self.bad_lines += 1
-                    continue
-                if isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("content"), str):
-                    self._records[rec["key"]] = rec
-                else:
-                    self.bad_lines += 1
+    @staticmethod
+    def _record(line: bytes) -> dict[str, Any] | None:
+        try:
+            rec = parse_json(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):  # JSONDecodeError and JSONContentError are ValueErrors
+            return None
+        if isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("content"), str):
+            return rec
+        return None
+
+    def _load(self, data: bytes) -> None:
+        """The records after the header line; an unreadable line is counted and skipped (asked again)."""
+        for line in data.split(b"\n")[1:]:
+            if not line.strip():
+                continue
+            rec = self._record(line)
+            if rec is None:
+                self.bad_lines += 1
+            else:
+                self._records[rec["key"]] = rec
         if self.bad_lines:
             warnings.warn(f"{self.path}: skipped {self.bad_lines} unreadable cache line(s); they will be asked again")
 

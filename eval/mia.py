@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import UserError
+from .io import shown
 
 SCORES = ("loss", "min_k", "min_k_pp", "zlib")
 
@@ -93,7 +94,7 @@ def check_token_fields(rec: Mapping[str, Any], where: str) -> None:
         v = rec[f]
         if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                         and math.isfinite(x) for x in v):
-            raise UserError(f"{where}: {f!r} must be a non-empty list of finite numbers")
+            raise UserError(f"{where}: {shown(f)} must be a non-empty list of finite numbers")
         lengths.add(len(v))
     if len(lengths) > 1:
         raise UserError(f"{where}: token_logprobs, token_vocab_mean and token_vocab_std differ in length")

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .io import read_json_or_jsonl
+from .io import read_json_or_jsonl, shown
 
 PREAMBLE_V1 = """\
 You are grading the answers of an AI assistant. Compare the prediction with the ground truth and give a \
@@ -128,12 +128,12 @@ def load_metadata(path: str | Path) -> dict[str, MMVetSample]:
         raise UserError(f"{path}: expected a JSON object {{id: {{question, answer, capability}}}} or a list of records")
     out: dict[str, MMVetSample] = {}
     for sid, rec in items:
-        where = f"{path}: sample {sid!r}"
+        where = f"{path}: sample {shown(sid)}"
         if not isinstance(rec, dict):
             raise UserError(f"{where}: expected an object with question, answer and capability")
         for k in ("question", "answer"):
             if not isinstance(rec.get(k), str):
-                raise UserError(f"{where}: missing or non-text {k!r}")
+                raise UserError(f"{where}: missing or non-text {shown(k)}")
         if "capability" not in rec:
             raise UserError(f"{where}: missing 'capability'")
         if sid in out:
@@ -158,7 +158,7 @@ def load_predictions(path: str | Path) -> dict[str, str]:
         out: dict[str, str] = {}
         for k, v in data.items():
             if not isinstance(v, str):
-                raise UserError(f"{path}: prediction for {k!r} is not text")
+                raise UserError(f"{path}: prediction for {shown(k)} is not text")
             out[str(k)] = v
         return out
     records = [data] if isinstance(data, dict) else data
@@ -174,7 +174,7 @@ def load_predictions(path: str | Path) -> dict[str, str]:
             raise UserError(f"{path}: record {i + 1} needs 'question_id' and a text field ('text')")
         sid = str(sid)
         if sid in out and out[sid] != text:
-            raise UserError(f"{path}: two different predictions for id {sid!r}")
+            raise UserError(f"{path}: two different predictions for id {shown(sid)}")
         out[sid] = text
     return out
 
@@ -208,7 +208,7 @@ def build_prompt(sample: MMVetSample, prediction: str, version: str, preamble: s
             "",
         ]
         return pre + "| " + " | ".join(row)
-    raise ValueError(f"unknown MM-Vet version {version!r}")
+    raise ValueError(f"unknown MM-Vet version {shown(version)}")
 
 
 def parse_score(content: str | None) -> float | None:

@@ -69,6 +69,11 @@ def read_official_evaluator(path: str | Path) -> OfficialPrompt:
     except SyntaxError as e:
         raise UserError(f"{p}:{e.lineno}: not a Python script ({e.msg}); --official-evaluator takes MM-Vet's "
                         "evaluator script") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # a NUL byte; nesting too deep for the parser
+        raise UserError(f"{p}: not a Python script mmerase can read ({type(e).__name__}); --official-evaluator "
+                        "takes MM-Vet's evaluator script") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror})") from None
     prompt = _module_prompt(tree)
     if prompt is None or "|" not in prompt:
         raise UserError(f"{p}: no grading prompt found; expected {_SHAPE}")

@@ -18,7 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RunStopped, UserError
-from .io import OutDirLock, atomic_write_text, check_out_dir, ensure_out_dir, read_json, write_json, write_jsonl
+from .io import (
+    OutDirLock,
+    atomic_write_text,
+    check_out_dir,
+    ensure_out_dir,
+    read_json,
+    read_text,
+    shown,
+    shown_some,
+    write_json,
+    write_jsonl,
+)
 from .mmvet import (
     GradeOptions,
     Judgement,
@@ -34,6 +45,7 @@ from .mmvet import (
 from .report import fmt, manifest, markdown_table
 
 MAX_LISTED_FAILURES = 100
+OUTPUT_NAMES = ("mmvet_judgements.jsonl", "mmvet_summary.json", "mmvet_summary.md", "mmvet_manifest.json", ".lock")
 
 
 @dataclass
@@ -105,7 +117,7 @@ def _load_subset(path: Path, samples: dict[str, Any]) -> list[str]:
     ids = [str(x) for x in data]
     unknown = [i for i in ids if i not in samples]
     if unknown:
-        raise UserError(f"{path}: {len(unknown)} id(s) not in the metadata, e.g. {unknown[:3]}")
+        raise UserError(f"{path}: {len(unknown)} id(s) not in the metadata, e.g. {shown_some(unknown)}")
     return list(dict.fromkeys(ids))
 
 
@@ -155,7 +167,7 @@ def _grading(cfg: MMVetRun, samples: dict[str, Any]) -> tuple[str, GradeOptions,
     """``(version, grading options, what prompt is used)`` from the built-in prompt, ``--prompt-file`` or
     ``--official-evaluator``."""
     if cfg.version not in ("auto", "v1", "v2"):
-        raise UserError(f"--mmvet-version must be auto, v1 or v2, not {cfg.version!r}")
+        raise UserError(f"--mmvet-version must be auto, v1 or v2, not {shown(cfg.version)}")
     if cfg.official_evaluator is not None:
         from .mmvet_official import read_official_evaluator
 
@@ -175,9 +187,7 @@ def _grading(cfg: MMVetRun, samples: dict[str, Any]) -> tuple[str, GradeOptions,
     version = detect_version(samples) if cfg.version == "auto" else cfg.version
     preamble = None
     if cfg.prompt_file is not None:
-        if not Path(cfg.prompt_file).is_file():
-            raise UserError(f"{cfg.prompt_file}: file not found")
-        preamble = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        preamble = read_text(cfg.prompt_file)
     opts = GradeOptions(**{**cfg.grade.__dict__, "version": version, "preamble": preamble})
     return version, opts, "custom (--prompt-file)" if preamble is not None else f"built-in {version}"
 
@@ -194,6 +204,7 @@ def run_mmvet(cfg: MMVetRun) -> dict[str, Any]:
     started = time.time()
     check_out_dir(cfg.out)
     check_options(cfg)
+    check_cache_path(cfg)
     inputs = load_inputs(cfg)
     api_key = judge_api_key(cfg)
     redact = Redactor(api_key)
@@ -224,7 +235,33 @@ def check_options(cfg: MMVetRun) -> None:
         raise UserError("--temperature must be within [0, 2]")
     for name, value in (("unparseable", cfg.unparseable), ("rejected", cfg.rejected)):
         if value not in ("zero", "failure"):
-            raise UserError(f"--{name} must be 'zero' or 'failure', not {value!r}")
+            raise UserError(f"--{name} must be 'zero' or 'failure', not {shown(value)}")
+
+
+def cache_path(cfg: MMVetRun) -> Path:
+    """The judge cache file: ``--cache`` or ``<out>/judge_cache.jsonl``."""
+    return Path(cfg.cache) if cfg.cache is not None else Path(cfg.out) / "judge_cache.jsonl"
+
+
+def check_cache_path(cfg: MMVetRun) -> None:
+    """Refuse, before anything is read, written or asked, a cache path that is one of the run's input or output
+    files, or an existing file that is not an mmerase judge cache (:func:`~mmerase.eval.judge.check_cache_file`):
+    mmerase writes to no file it did not create."""
+    from .judge import check_cache_file
+
+    path = cache_path(cfg)
+    where = path.resolve()
+    inputs = {"--metadata": cfg.metadata, "--predictions": cfg.predictions, "--subset": cfg.subset,
+              "--prompt-file": cfg.prompt_file, "--official-evaluator": cfg.official_evaluator,
+              "--price-table": cfg.price_table}
+    for flag, p in inputs.items():
+        if p is not None and Path(p).resolve() == where:
+            raise UserError(f"{path}: --cache is the {flag} file; give the judge cache a file of its own "
+                            "(left untouched)")
+    for name in OUTPUT_NAMES:
+        if (Path(cfg.out) / name).resolve() == where:
+            raise UserError(f"{path}: --cache is the run's output {name}; give the judge cache another name")
+    check_cache_file(path)
 
 
 def load_inputs(cfg: MMVetRun) -> Inputs:
@@ -238,7 +275,7 @@ def load_inputs(cfg: MMVetRun) -> Inputs:
     missing = [i for i in samples if i not in predictions]
     if missing:
         raise UserError(f"{cfg.predictions}: no prediction for {len(missing)} of {len(samples)} samples "
-                        f"(e.g. {', '.join(missing[:5])}); use --subset to judge only some ids")
+                        f"(e.g. {shown_some(missing, 5)}); use --subset to judge only some ids")
     extra = sum(1 for i in predictions if i not in samples)
     version, grade, prompt_label = _grading(cfg, samples)
     return Inputs(samples, predictions, extra, version, grade, prompt_label)
@@ -258,7 +295,7 @@ def judge_inputs(cfg: MMVetRun, inputs: Inputs, out: Path, api_key: str, redact:
     """Judge every (sample, run) through the cache in ``out`` (or ``--cache``), with a progress bar."""
     from .judge import Judge, JudgeCache, OpenAIBackend, RetryPolicy
 
-    cache = JudgeCache(cfg.cache or out / "judge_cache.jsonl")
+    cache = JudgeCache(cache_path(cfg))
     try:
         backend = OpenAIBackend(cfg.judge_model, api_key=api_key, base_url=cfg.base_url, azure=cfg.azure,
                                 api_version=cfg.api_version, timeout=cfg.timeout, redact=redact)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import UserError
+from .io import shown
 
 BUILTIN_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4": (30.0, 60.0),
@@ -51,14 +52,14 @@ def parse_price_table(data: Any, origin: str) -> dict[str, tuple[float, float]]:
     table: dict[str, tuple[float, float]] = {}
     for model, entry in data.items():
         if not isinstance(entry, dict) or set(entry) != {"input", "output"}:
-            raise UserError(f"{origin}: entry {model!r} must have exactly the keys 'input' and 'output' "
+            raise UserError(f"{origin}: entry {shown(model)} must have exactly the keys 'input' and 'output' "
                             "(USD per 1M tokens)")
         try:
             pin, pout = float(entry["input"]), float(entry["output"])
         except (TypeError, ValueError):
-            raise UserError(f"{origin}: entry {model!r} has a non-numeric price") from None
+            raise UserError(f"{origin}: entry {shown(model)} has a non-numeric price") from None
         if not (math.isfinite(pin) and math.isfinite(pout)) or pin < 0 or pout < 0:
-            raise UserError(f"{origin}: entry {model!r} must have non-negative prices")
+            raise UserError(f"{origin}: entry {shown(model)} must have non-negative prices")
         table[str(model)] = (pin, pout)
     return table
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .io import read_json, read_json_or_jsonl
+from .io import read_json, read_json_or_jsonl, shown, shown_some
 
 MODES = ("official", "strict")
 METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
@@ -58,7 +58,7 @@ def parse_label(value: Any, where: str) -> int:
         v = value.strip().lower().rstrip(".")
         if v in ("yes", "no"):
             return 1 if v == "yes" else 0
-    raise UserError(f"{where}: label must be 'yes' or 'no', got {value!r}")
+    raise UserError(f"{where}: label must be 'yes' or 'no', got {shown(value)}")
 
 
 def yes_no_metrics(preds: Sequence[int], labels: Sequence[int], eps: float = 1e-5) -> dict[str, Any]:
@@ -110,10 +110,10 @@ def load_questions(path: str | Path, label_field: str = "label") -> dict[str, di
             raise UserError(f"{where}: needs a 'question_id'")
         qid = str(rec["question_id"])
         if qid in out:
-            raise UserError(f"{where}: duplicate question_id {qid!r}")
+            raise UserError(f"{where}: duplicate question_id {shown(qid)}")
         if label_field not in rec:
-            raise UserError(f"{where}: no {label_field!r} field (the yes/no ground truth)")
-        parse_label(rec[label_field], f"{where} ({qid})")
+            raise UserError(f"{where}: no {shown(label_field)} field (the yes/no ground truth)")
+        parse_label(rec[label_field], f"{where} ({shown(qid)})")
         out[qid] = rec
     if not out:
         raise UserError(f"{path}: no questions")
@@ -190,7 +190,7 @@ def type_subsets(questions: Mapping[str, Mapping[str, Any]], path: str | Path = 
     for qid, q in questions.items():
         t = q.get("type")
         if not isinstance(t, str) or not t:
-            raise UserError(f"{path}: question {qid!r} has no text 'type' field (web-image mode takes its subsets "
+            raise UserError(f"{path}: question {shown(qid)} has no text 'type' field (web-image mode takes its subsets "
                             "from it, e.g. 'counterfactual' or 'illusion')")
         by_type.setdefault(t, []).append(qid)
     if "total" in by_type:
@@ -214,7 +214,7 @@ def evaluate_subset(
         raise ValueError(f"mode must be one of {MODES}")
     unknown = sorted({i for i in ids if i not in questions})
     if unknown:
-        raise UserError(f"{name}: {len(unknown)} id(s) are not in the question file, e.g. {unknown[:3]}")
+        raise UserError(f"{name}: {len(unknown)} id(s) are not in the question file, e.g. {shown_some(unknown)}")
     preds: list[int] = []
     labels: list[int] = []
     missing: list[str] = []

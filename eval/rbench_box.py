@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .io import read_json_or_jsonl
+from .io import read_json_or_jsonl, shown
 
 
 def _records(path: str | Path, what: str) -> list[dict[str, Any]]:
@@ -40,8 +40,8 @@ def load_box_questions(path: str | Path) -> list[dict[str, Any]]:
     for i, rec in enumerate(data, start=1):
         label = rec.get("label")
         if not isinstance(label, list) or not label or not isinstance(label[0], str):
-            raise UserError(f"{path}: question {i} ({rec.get('question_id', 'no id')}): box mode needs 'label' as a "
-                            f"list whose first element is the object's name, got {label!r}")
+            raise UserError(f"{path}: question {i} ({shown(rec.get('question_id', 'no id'))}): box mode needs 'label' as a "
+                            f"list whose first element is the object's name, got {shown(label)}")
     return data
 
 
@@ -66,7 +66,7 @@ def _pair(questions: list[dict[str, Any]], answers: list[dict[str, Any]], answer
         index: dict[str, int] = {}
         for k, q in enumerate(questions):
             if str(q["question_id"]) in index:
-                raise UserError(f"box questions: duplicate question_id {q['question_id']!r}")
+                raise UserError(f"box questions: duplicate question_id {shown(q['question_id'])}")
             index[str(q["question_id"])] = k
         pairs, ignored, converted, seen = [], [], 0, set()
         for a in answers:
@@ -75,7 +75,7 @@ def _pair(questions: list[dict[str, Any]], answers: list[dict[str, Any]], answer
                 ignored.append(str(a["question_id"]))
                 continue
             if k in seen:
-                raise UserError(f"{answers_path}: two answers for question_id {a['question_id']!r}")
+                raise UserError(f"{answers_path}: two answers for question_id {shown(a['question_id'])}")
             seen.add(k)
             qid = questions[k]["question_id"]
             converted += type(qid) is not type(a["question_id"]) or qid != a["question_id"]

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import UserError
+from .io import shown
 
 MASK_COLORS: dict[str, tuple[int, int, int, int]] = {
     "red": (250, 0, 45, 120),
@@ -48,7 +49,7 @@ def draw_boxes(image: Image.Image, record: Mapping[str, Any], sub_color: str = "
     for key, color in (("sub_box", sub_color), ("obj_box", obj_color)):
         box = record.get(key)
         if not isinstance(box, (list, tuple)) or len(box) != 4:
-            raise UserError(f"question {record.get('question_id')!r}: {key!r} must be [x0, y0, x1, y1] (normalised)")
+            raise UserError(f"question {shown(record.get('question_id'))}: {shown(key)} must be [x0, y0, x1, y1] (normalised)")
         draw.rectangle([float(b) * s for b, s in zip(box, (w, h, w, h))], outline=color, width=width)
     return img
 
@@ -67,7 +68,7 @@ def draw_masks(image: Image.Image, mask: Image.Image, sub_color: str = "red", ob
     """
     for c in (sub_color, obj_color):
         if c not in MASK_COLORS:
-            raise UserError(f"mask colour must be one of {sorted(MASK_COLORS)}, not {c!r}")
+            raise UserError(f"mask colour must be one of {sorted(MASK_COLORS)}, not {shown(c)}")
     img = image.convert("RGBA")
     values = np.asarray(mask.resize(img.size, resample=Image.NEAREST))
     if values.ndim == 3:
@@ -78,13 +79,32 @@ def draw_masks(image: Image.Image, mask: Image.Image, sub_color: str = "red", ob
     return img
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the system refuses (too long, a NUL byte) instead of an error."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def safe_file_stem(question_id: Any) -> str:
+    """A question id as the name of the image file written for it; an id that would name a file elsewhere
+    (a path separator, ``.``/``..``, a NUL) or is too long for a file name is a :class:`UserError`."""
+    stem = str(question_id)
+    if (not stem or stem in (".", "..") or any(c in stem for c in "/\\\0") or len(stem.encode("utf-8")) > 200
+            or not stem.isprintable()):
+        raise UserError(f"question_id {shown(stem)} cannot name an image file (no path separators, control "
+                        "characters or more than 200 bytes)")
+    return stem
+
+
 def prepare_instance(record: Mapping[str, Any], image_dir: str | Path, kind: str = "box",
                      mask_dir: str | Path | None = None, sub_color: str = "red",
                      obj_color: str = "green") -> tuple[Image.Image, str]:
     """The (image, question) pair an instance-level R-Bench question is asked with."""
     img_path = Path(image_dir) / str(record["image"])
-    if not img_path.is_file():
-        raise UserError(f"{img_path}: image not found")
+    if not _is_file(img_path):
+        raise UserError(f"{shown(str(img_path))}: image not found")
     with Image.open(img_path) as im:
         im.load()
         if kind == "box":
@@ -92,12 +112,12 @@ def prepare_instance(record: Mapping[str, Any], image_dir: str | Path, kind: str
         elif kind == "mask":
             if mask_dir is None:
                 raise UserError("--kind mask needs --mask-dir (folder of <question_id>.png masks)")
-            mpath = Path(mask_dir) / f"{record['question_id']}.png"
-            if not mpath.is_file():
-                raise UserError(f"{mpath}: mask not found")
+            mpath = Path(mask_dir) / f"{safe_file_stem(record['question_id'])}.png"
+            if not _is_file(mpath):
+                raise UserError(f"{shown(str(mpath))}: mask not found")
             with Image.open(mpath) as mk:
                 mk.load()
                 out = draw_masks(im, mk, sub_color, obj_color)
         else:
-            raise UserError(f"--kind must be 'box' or 'mask', not {kind!r}")
+            raise UserError(f"--kind must be 'box' or 'mask', not {shown(kind)}")
     return out, instance_question(record, kind, sub_color, obj_color)

@@ -35,6 +35,7 @@ from typing import Any
 from mmerase.metrics import recovery_ratio
 
 from .errors import UserError
+from .io import shown, shown_some
 from .mia import SCORES, auc, check_token_fields, forget_quality, sample_mia_scores
 
 SPLIT_METRICS = ("loss", "accuracy", "rouge_l")
@@ -91,30 +92,30 @@ def _check_records(name: str, records: Iterable[Mapping[str, Any]]) -> list[dict
     out = []
     seen: set[tuple[str, str]] = set()
     for k, rec in enumerate(records, start=1):
-        where = f"adapter {name!r}, record {k}"
+        where = f"adapter {shown(name)}, record {k}"
         if not isinstance(rec, Mapping):
             raise UserError(f"{where}: not an object")
         if "id" not in rec or not isinstance(rec.get("split"), str):
             raise UserError(f"{where}: needs 'id' and 'split'")
         key = (rec["split"], str(rec["id"]))
         if key in seen:
-            raise UserError(f"{where}: duplicate sample {key[1]!r} in split {key[0]!r}")
+            raise UserError(f"{where}: duplicate sample {shown(key[1])} in split {shown(key[0])}")
         seen.add(key)
         r = dict(rec)
         r["id"] = str(rec["id"])
         if "loss" in r and r["loss"] is not None:
             if isinstance(r["loss"], bool) or not isinstance(r["loss"], (int, float)) or not math.isfinite(r["loss"]):
-                raise UserError(f"{where} ({key[1]}): 'loss' must be a finite number, got {r['loss']!r}")
+                raise UserError(f"{where} ({shown(key[1])}): 'loss' must be a finite number, got {shown(r['loss'])}")
         for f in ("prediction", "reference"):
             if f in r and r[f] is not None and not isinstance(r[f], str):
-                raise UserError(f"{where} ({key[1]}): {f!r} must be text")
+                raise UserError(f"{where} ({shown(key[1])}): {shown(f)} must be text")
         if "correct" in r and r["correct"] is not None and not isinstance(r["correct"], bool):
-            raise UserError(f"{where} ({key[1]}): 'correct' must be true or false")
-        check_token_fields(r, f"{where} ({key[1]})")
+            raise UserError(f"{where} ({shown(key[1])}): 'correct' must be true or false")
+        check_token_fields(r, f"{where} ({shown(key[1])})")
         kl = r.get("kl_retrained")
         if kl is not None and (isinstance(kl, bool) or not isinstance(kl, (int, float)) or not math.isfinite(kl)
                                or kl < -1e-9):
-            raise UserError(f"{where} ({key[1]}): 'kl_retrained' must be a finite number ≥ 0, got {kl!r}")
+            raise UserError(f"{where} ({shown(key[1])}): 'kl_retrained' must be a finite number ≥ 0, got {shown(kl)}")
         out.append(r)
     return out
 
@@ -146,8 +147,8 @@ def split_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         have = [v for v in vals if v is not None]
         if have and len(have) != len(vals):
             ids = [r["id"] for r, v in zip(records, vals) if v is None][:3]
-            raise UserError(f"{len(vals) - len(have)} record(s) lack what {metric!r} needs while others have it, "
-                            f"e.g. {ids}")
+            raise UserError(f"{len(vals) - len(have)} record(s) lack what {shown(metric)} needs while others have it, "
+                            f"e.g. {shown_some(ids)}")
         out[metric] = (sum(float(v) for v in have) / len(have)) if have else None
     return out
 
@@ -172,7 +173,7 @@ def evaluate_unlearning(
         raise UserError(f"--min-k must be in (0, 1], got {min_k}")
     for role, name in (("corrupted", corrupted), ("retrained", retrained)):
         if name is not None and name not in records_by_adapter:
-            raise UserError(f"--{role} {name!r} is not one of the adapters: {sorted(records_by_adapter)}")
+            raise UserError(f"--{role} {shown(name)} is not one of the adapters: {shown_some(sorted(records_by_adapter), 10)}")
     if corrupted is not None and retrained is None:
         raise UserError("--corrupted needs --retrained: the recovery ratio is measured between both")
     data = {name: _check_records(name, recs) for name, recs in records_by_adapter.items()}
@@ -181,7 +182,7 @@ def evaluate_unlearning(
     for name, ks in keysets.items():
         if ks != keysets[first]:
             diff = sorted(ks ^ keysets[first])[:3]
-            raise UserError(f"adapters {first!r} and {name!r} cover different samples, e.g. {diff}")
+            raise UserError(f"adapters {shown(first)} and {shown(name)} cover different samples, e.g. {shown_some(diff)}")
     splits = list(dict.fromkeys(r["split"] for r in data[first]))
     adapters: dict[str, Any] = {}
     for name, recs in data.items():
@@ -224,8 +225,8 @@ def _mean_field(recs: Sequence[Mapping[str, Any]], field: str) -> float | None:
     vals = [r.get(field) for r in recs]
     have = [float(v) for v in vals if v is not None]
     if have and len(have) != len(vals):
-        raise UserError(f"{len(vals) - len(have)} record(s) lack {field!r} while others have it, e.g. "
-                        f"{[r['id'] for r, v in zip(recs, vals) if v is None][:3]}")
+        raise UserError(f"{len(vals) - len(have)} record(s) lack {shown(field)} while others have it, e.g. "
+                        f"{shown_some([r['id'] for r, v in zip(recs, vals) if v is None])}")
     return sum(have) / len(have) if have else None
 
 

@@ -20,6 +20,7 @@ from mmerase.eval.judge import (  # noqa: E402
     Judge,
     JudgeAPIError,
     JudgeCache,
+    HEADER_LINE,
     JudgeStopped,
     OpenAIBackend,
     RetryPolicy,
@@ -61,7 +62,7 @@ def test_gives_up_after_max_retries_and_caches_nothing(tmp_path):
             ask(judge)
     assert ei.value.status == 500 and ei.value.retryable
     assert len(srv.requests) == 3
-    assert len(judge.cache) == 0 and (tmp_path / "cache.jsonl").read_text() == ""
+    assert len(judge.cache) == 0 and (tmp_path / "cache.jsonl").read_bytes() == HEADER_LINE  # the header only
 
 
 def test_no_retry_on_400(tmp_path):
@@ -112,20 +113,46 @@ def test_cache_skips_a_torn_last_line_and_keeps_appending_cleanly(tmp_path):
     c.put("k2", {"content": "0.7"})
     c.close()
     text = path.read_text()
+    assert text.startswith(HEADER_LINE.decode())
     path.write_text(text[: len(text) - 20])  # killed while writing the second record
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         c2 = JudgeCache(path)
     assert c2.get("k1")["content"] == "0.5" and c2.get("k2") is None and c2.bad_lines == 1
     c2.put("k2", {"content": "0.7"})
     c2.close()
-    lines = path.read_text().splitlines()
+    header, *lines = path.read_text().splitlines(keepends=True)
+    assert header.encode() == HEADER_LINE
     assert [json.loads(ln)["key"] for ln in lines] == ["k1", "k2"]  # torn tail dropped, nothing glued to it
     # a complete record that only lost its newline is kept
     path.write_text(path.read_text().rstrip("\n"))
     c3 = JudgeCache(path)
     c3.put("k3", {"content": "0.9"})
     c3.close()
-    assert [json.loads(ln)["key"] for ln in path.read_text().splitlines()] == ["k1", "k2", "k3"]
+    header, *lines = path.read_text().splitlines(keepends=True)
+    assert header.encode() == HEADER_LINE
+    assert [json.loads(ln)["key"] for ln in lines] == ["k1", "k2", "k3"]
+
+
+def test_cache_writes_only_to_a_file_it_made(tmp_path):
+    foreign = tmp_path / "predictions.jsonl"
+    foreign.write_text('{"question_id": 1, "text": "a"}\nnot json, no newline')
+    before = foreign.read_bytes()
+    with pytest.raises(UserError, match="not an mmerase judge cache"):
+        JudgeCache(foreign)
+    assert foreign.read_bytes() == before  # neither truncated nor appended to
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    JudgeCache(empty).close()
+    assert empty.read_bytes() == HEADER_LINE  # an empty file loses nothing by becoming a cache
+    bare = tmp_path / "bare.jsonl"
+    bare.write_bytes(HEADER_LINE.rstrip(b"\n"))  # the header without its newline is finished, never cut
+    c = JudgeCache(bare)
+    c.put("k1", {"content": "0.5"})
+    c.close()
+    assert bare.read_bytes().startswith(HEADER_LINE) and JudgeCache(bare).get("k1")["content"] == "0.5"
+    nested = tmp_path / "made" / "here" / "cache.jsonl"  # a missing folder is made for a new cache
+    JudgeCache(nested).close()
+    assert nested.read_bytes() == HEADER_LINE
 
 
 def test_cost_meter_reserves_and_caps(tmp_path):
@@ -140,7 +167,7 @@ def test_cost_meter_reserves_and_caps(tmp_path):
             ask(judge, "c #0.3#")  # 2.0 spent + 1.0 bound > 2.5
     assert len(srv.requests) == 2 and meter.spent == pytest.approx(2.0)
     assert judge.stop_reason == "cost" and meter.prompt_tokens == 2000 and meter.completion_tokens == 2
-    assert json.loads((tmp_path / "cache.jsonl").read_text().splitlines()[0])["cost"] == pytest.approx(1.0)
+    assert json.loads((tmp_path / "cache.jsonl").read_text().splitlines()[1])["cost"] == pytest.approx(1.0)
     with pytest.raises(UserError, match="price"):
         CostMeter(None, max_cost=1.0)
 

@@ -52,8 +52,14 @@ def summary(out):
 
 
 def cache_lines(out):
+    """The records of the run's judge cache, after its header line (checked)."""
     p = out / "judge_cache.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+    text = p.read_text() if p.exists() else ""
+    if not text:  # not made yet (a run being polled may be creating it)
+        return []
+    header, *lines = text.splitlines()
+    assert json.loads(header) == {"mmerase_judge_cache": 1}
+    return [json.loads(x) for x in lines if x.strip()]
 
 
 def constant_predictions(tmp_path, value="0.7"):
