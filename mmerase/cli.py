@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import traceback
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .fileio import one_line, shown
 from .options import Flag, Group, HelpFormatter, UsageError, add_flags, build, command_flags, config_file_values
 
 EXIT_USER_ERROR = 2
@@ -80,7 +82,9 @@ def _cmd_unlearn(a: argparse.Namespace, c: dict[type, Any]) -> int:
                               solver=c[_solver_config()], options=_load_options(c), deepspeed_config=files.deepspeed,
                               prepared=files.prepared, method=choice.method,
                               method_config=c[METHODS[choice.method].config_class], budget=choice.budget,
-                              retrain_passes=choice.retrain_passes, estimate=choice.estimate)
+                              retrain_passes=choice.retrain_passes, estimate=choice.estimate,
+                              allow_other_data=files.allow_other_data,
+                              allow_outside_images=files.allow_outside_images)
     finally:
         shutdown(dist)
     if not dist.is_main:
@@ -262,7 +266,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2) and suggestions for mistyped choices."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def _build(cmd: Command) -> argparse.ArgumentParser:
@@ -300,16 +304,41 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .influence import InfluenceError
     from .methods import MethodError
     from .models import ModelLoadError
-    from .record import OutputExistsError
+    from .fileio import FileFormatError, OutputExistsError, OutputPathError
 
-    return (UsageError, DataError, InfluenceError, MethodError, ModelLoadError, OutputExistsError, FileNotFoundError,
-            NotADirectoryError, PermissionError)
+    return (UsageError, DataError, InfluenceError, MethodError, ModelLoadError, OutputExistsError, OutputPathError,
+            FileFormatError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-def _quiet_libraries() -> None:
-    """Our own progress bars and summary line are the output; silence the libraries' loading chatter."""
-    import logging
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial outputs are removed on the way out (Python's default
+    SIGTERM ends the process without unwinding, leaving them behind)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm() -> Any:
+    """Install the SIGTERM handler for the command's run; returns the previous one (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _quiet_libraries(command: str) -> None:
+    """Our own progress bars and summary line are the output; silence the libraries' loading chatter. mmerase's
+    own warnings (logger ``mmerase``) print as one line each, bounded."""
     import warnings
+
+    ours = logging.getLogger("mmerase")
+    for old in [h for h in ours.handlers if isinstance(h, _WarningLines)]:
+        ours.removeHandler(old)
+    ours.addHandler(_WarningLines(command))
+    ours.setLevel(logging.WARNING)
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices inside transformers/peft
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -324,11 +353,34 @@ def _quiet_libraries() -> None:
         pass
 
 
+class _WarningLines(logging.Handler):
+    """mmerase's warnings as ``mmerase COMMAND: warning: …`` lines on the current stderr, bounded and escaped like
+    the CLI's error lines."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"mmerase {self.command}: warning: {one_line(record.getMessage())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
         return 0
+    previous = _on_sigterm()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     name, rest = argv[0], argv[1:]
     cmds = {c.name: c for c in COMMANDS}
     try:
@@ -337,22 +389,25 @@ def main(argv: list[str] | None = None) -> int:
         if name not in cmds:
             close = difflib.get_close_matches(name, list(cmds) + ["eval"], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UsageError(f"unknown command '{name}'{hint}; run `mmerase --help`")
+            raise UsageError(f"unknown command {shown(name)}{hint}; run `mmerase --help`")
         cmd = cmds[name]
         args = _parse(cmd, rest)
-        _quiet_libraries()
+        _quiet_libraries(name)
         return cmd.run(args, cmd.configs(args))
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print("mmerase: interrupted; no output was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("mmerase: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
     except Exception as e:
         from .influence import SolverDivergedError
 
         if os.environ.get("MMERASE_DEBUG"):
             traceback.print_exc()
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = one_line(str(e).split("\n")[0] if str(e) else type(e).__name__)
         if isinstance(e, _user_errors()):
             print(f"mmerase {name}: error: {msg}", file=sys.stderr)
             return EXIT_USER_ERROR

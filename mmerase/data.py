@@ -28,7 +28,7 @@ from typing import Any, Union
 
 from PIL import Image
 
-from .fileio import jsonl_lines
+from .fileio import FileFormatError, JSONContentError, jsonl_lines, parse_json, read_text, shown
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -96,7 +96,7 @@ class Sample:
 
     def load_images(self) -> list[Image.Image]:
         """All the sample's images as RGB, in placeholder order."""
-        return [load_image_ref(ref, f"sample '{self.id}': field 'image'") for ref in self.image_refs]
+        return [load_image_ref(ref, f"sample {shown(self.id)}: field 'image'") for ref in self.image_refs]
 
     def to_record(self, root: str | Path | None = None) -> dict[str, Any]:
         """The LLaVA-format record (image paths relative to ``root`` when they lie below it; a list when the
@@ -105,7 +105,7 @@ class Sample:
         record: dict[str, Any] = {"id": self.id}
         if self.image is not None and self.image_path is None or any(
                 isinstance(r, Image.Image) for r in self.extra_images):
-            raise DataError(f"sample '{self.id}': its image exists only in memory; save it to a file to write a record")
+            raise DataError(f"sample {shown(self.id)}: its image exists only in memory; save it to a file to write a record")
         paths = [self.image_path] if self.image_path is not None else []
         paths += [Path(r) for r in self.extra_images]
         rel = [_relative(p, root) for p in paths]
@@ -175,7 +175,7 @@ def validate_conversations(conversations: Any, n_images: int | bool, where: str)
         role, value = turn.get("from"), turn.get("value")
         if role not in ROLE_ALIASES:
             raise DataError(
-                f"{where}: field 'conversations[{t}].from' is {role!r}; expected one of {sorted(ROLE_ALIASES)}"
+                f"{where}: field 'conversations[{t}].from' is {shown(role)}; expected one of {sorted(ROLE_ALIASES)}"
             )
         if not isinstance(value, str):
             raise DataError(f"{where}: field 'conversations[{t}].value' must be a string")
@@ -185,8 +185,12 @@ def validate_conversations(conversations: Any, n_images: int | bool, where: str)
                             f"must be in a user turn, not a {role!r} turn")
         n_placeholders += n
         clean.append({"from": role, "value": value})
-    if not any(ROLE_ALIASES[turn["from"]] == "assistant" for turn in clean):
+    roles = [ROLE_ALIASES[turn["from"]] for turn in clean]
+    if "assistant" not in roles:
         raise DataError(f"{where}: field 'conversations' has no assistant ('gpt') turn to train on")
+    if "user" not in roles[:roles.index("assistant")]:
+        raise DataError(f"{where}: field 'conversations': the first assistant turn has no user ('human') turn "
+                        "before it; a sample is a question and its answer")
     _check_placeholders(n_placeholders, int(n_images), where)
     return clean
 
@@ -235,7 +239,7 @@ def conversations_from_messages(messages: Any, root: str | Path, where: str, che
         if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
             raise DataError(f"{here}' must be an object with 'role' and 'content'")
         if msg["role"] not in ROLE_ALIASES:
-            raise DataError(f"{here}.role' is {msg['role']!r}; expected one of {sorted(ROLE_ALIASES)}")
+            raise DataError(f"{here}.role' is {shown(msg['role'])}; expected one of {sorted(ROLE_ALIASES)}")
         content = msg["content"]
         if isinstance(content, str):
             value = content
@@ -279,7 +283,7 @@ def sample_from_record(record: Any, root: str | Path, *, source: str = "<record>
     if not isinstance(sid, (str, int)) or isinstance(sid, bool):
         raise DataError(f"{source}: {label}: field 'id' must be a string or an integer")
     sid = str(sid)
-    where = f"{source}: {label} (id '{sid}')"
+    where = f"{source}: {label} (id {shown(sid)})"
     if "messages" in record:
         if "conversations" in record or "image" in record:
             raise DataError(f"{where}: a 'messages' record gives its images as image parts and has no "
@@ -294,17 +298,19 @@ def sample_from_record(record: Any, root: str | Path, *, source: str = "<record>
 
 def _read_records(path: Path) -> tuple[list[tuple[int, Any]], bool]:
     """((position, record) pairs, is_jsonl) from a JSON list or a JSONL file; JSONL positions are line numbers."""
+    if not path.exists():
+        raise DataError(f"{path}: dataset file not found")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: dataset file not found") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
+        text = read_text(path)
+    except FileFormatError as exc:
+        raise DataError(f"dataset file {exc}") from None
     data: Any = None
     jsonl = path.suffix.lower() == ".jsonl"
     if not jsonl:
         try:
-            data = json.loads(text)
+            data = parse_json(text)
+        except JSONContentError as exc:
+            raise DataError(f"{path}: {exc}") from None
         except json.JSONDecodeError as exc:
             if not (exc.msg == "Extra data" and text.lstrip().startswith("{")):  # else: JSONL named ".json"
                 raise DataError(f"{path}: malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
@@ -315,7 +321,9 @@ def _read_records(path: Path) -> tuple[list[tuple[int, Any]], bool]:
             if not line.strip():
                 continue
             try:
-                records.append((lineno, json.loads(line)))
+                records.append((lineno, parse_json(line)))
+            except JSONContentError as exc:
+                raise DataError(f"{path}: line {lineno}: {exc}") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}: line {lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from None
         return records, True
@@ -340,7 +348,7 @@ def load_dataset(path: str | Path, *, check_images: bool = True) -> list[Sample]
         sample = sample_from_record(record, path.parent, source=str(path), index=pos, label=label,
                                     check_image=check_images)
         if sample.id in seen:
-            raise DataError(f"{path}: {label}: duplicate id '{sample.id}' (first used at {seen[sample.id]})")
+            raise DataError(f"{path}: {label}: duplicate id {shown(sample.id)} (first used at {seen[sample.id]})")
         seen[sample.id] = label
         samples.append(sample)
     if not samples:
@@ -365,7 +373,7 @@ def index_by_id(samples: Sequence[Sample]) -> dict[str, Sample]:
     index: dict[str, Sample] = {}
     for s in samples:
         if s.id in index:
-            raise DataError(f"duplicate sample id '{s.id}'")
+            raise DataError(f"duplicate sample id {shown(s.id)}")
         index[s.id] = s
     return index
 
@@ -376,7 +384,7 @@ def get_sample(samples: Sequence[Sample] | Mapping[str, Sample], sample_id: str 
     try:
         return index[str(sample_id)]
     except KeyError:
-        raise DataError(f"no sample with id '{sample_id}' in the training data ({len(index)} samples)") from None
+        raise DataError(f"no sample with id {shown(str(sample_id))} in the training data ({len(index)} samples)") from None
 
 
 def modify_sample(sample: Sample, *, query: str | None = None, response: str | None = None,
@@ -390,7 +398,7 @@ def modify_sample(sample: Sample, *, query: str | None = None, response: str | N
     validated like a loaded record: e.g. a new query must keep one ``<image>`` placeholder per image.
     """
     conversations = [dict(turn) for turn in sample.conversations]
-    where = f"edit of sample '{sample.id}'"
+    where = f"edit of sample {shown(sample.id)}"
 
     def _turn_index(role: str, k: int, what: str) -> int:
         idx = [i for i, t in enumerate(conversations) if ROLE_ALIASES[t["from"]] == role]

@@ -26,6 +26,8 @@ def generate_answers(bundle: Any, samples: Sequence[Sample], *, max_new_tokens: 
     Prompts are left-padded so that every row's new tokens start at the same column; the attention mask and
     position ids make each answer independent of its batch-mates. Special tokens are stripped from the answers.
     """
+    if int(batch_size) < 1 or int(max_new_tokens) < 1:  # a batch size < 1 would answer nothing, silently
+        raise ValueError(f"batch_size and max_new_tokens must be ≥ 1, got {batch_size} and {max_new_tokens}")
     model = bundle.model
     was_training = model.training
     model.eval()

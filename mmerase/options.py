@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .fileio import JSONContentError, check_nesting, shown
 
 
 class UsageError(ValueError):
@@ -79,21 +82,23 @@ class Flag:
             return None
         if self.boolean:
             if not isinstance(value, bool):
-                raise UsageError(f"{where}'{self.dest}' must be true or false, got {value!r}")
+                raise UsageError(f"{where}'{self.dest}' must be true or false, got {shown(value)}")
             return value
         if isinstance(value, (dict, list)):
-            raise UsageError(f"{where}'{self.dest}' must be a single value, got {value!r}")
+            raise UsageError(f"{where}'{self.dest}' must be a single value, got {shown(value)}")
         if isinstance(value, bool) and self.choices and {"on", "off"} <= set(self.choices):
             value = "on" if value else "off"
         elif isinstance(value, float) and self.parse is int and value.is_integer():
             value = int(value)
         try:
             out = self.parse(str(value)) if self.parse else value
-        except (TypeError, ValueError, argparse.ArgumentTypeError):
-            raise UsageError(f"{where}'{self.dest}' has an invalid value {value!r}") from None
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"{where}'{self.dest}' {e}") from None
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}'{self.dest}' has an invalid value {shown(value)}") from None
         if self.choices and out not in self.choices:
             raise UsageError(f"{where}'{self.dest}' must be one of {', '.join(map(str, self.choices))}, not "
-                             f"{value!r}{_hint(str(out), self.choices)}")
+                             f"{shown(value)}{_hint(str(out)[:200], self.choices)}")
         return out
 
 
@@ -151,6 +156,18 @@ def optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return read
 
 
+def finite_only(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` that refuses a number that is not finite (nan, inf: ``float()`` reads both, and no option of
+    mmerase means either), so such a value is an error at parse time rather than inside a solver."""
+    def read(text: str) -> Any:
+        value = parse(text)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {shown(str(text))}")
+        return value
+    read.__name__ = getattr(parse, "__name__", "value")
+    return read
+
+
 def _flag(f: dataclasses.Field, default: Any) -> Flag:
     meta = f.metadata
     base, may_be_none = _annotation_parts(f.type)
@@ -162,6 +179,8 @@ def _flag(f: dataclasses.Field, default: Any) -> Flag:
             raise TypeError(f"field {f.name} ({f.type}) needs parse= in its option()")
         parse = simple[next(iter(base))]
     choices = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+    if parse is not None and parse is not str:
+        parse = finite_only(parse)
     if parse is not None and may_be_none and (parse is not str or choices):
         parse = optional(parse)  # a field that may be None takes none / null on the command line
         choices = (*choices, None) if choices else choices
@@ -260,16 +279,49 @@ def _key_hint(dest: str, pool: Iterable[str]) -> str:
     return f" (did you mean '{close[0].replace('_', '-')}'?)" if close else ""
 
 
+YAML_MAX_VALUES = 100_000  # far more than any config holds; an alias bomb expanding past it is refused at once
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # an unhashable key is refused by PyYAML itself
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {shown(key)} is given twice in one mapping", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def read_yaml(path: str | Path, label: str = "") -> Any:
-    """A YAML (or JSON, a subset of YAML) file's data. A missing file, bad YAML or text that is not UTF-8 is a
-    :class:`UsageError` naming ``label`` + the file, and the line of a syntax error."""
+    """A YAML (or JSON, a subset of YAML) file's data. A missing file, a folder, bad YAML, text that is not UTF-8,
+    a key given twice, nesting deeper than :data:`~mmerase.fileio.MAX_NESTING` or aliases expanding past
+    :data:`YAML_MAX_VALUES` values is a :class:`UsageError` naming ``label`` + the file (and the line where YAML
+    knows it)."""
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{label}{p}: is a folder, expected a file")
     if not p.is_file():
         raise UsageError(f"{label}{p}: file not found")
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader
+        check_nesting(data, max_values=YAML_MAX_VALUES)
+        return data
+    except JSONContentError as e:
+        raise UsageError(f"{label}{p}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"{label}{p}: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -309,11 +361,11 @@ def config_file_values(path: str | Path, command: str, flags: Sequence[Flag], kn
         pool = set(mine) | set(aliases) if own else set(known or ())
         if dest not in pool:
             scope = f"'{section or command}'" if own else f"any {prog} command"
-            raise UsageError(f"config file {path}: unknown key '{key}' for {scope}{_key_hint(dest, pool)}")
+            raise UsageError(f"config file {path}: unknown key {shown(key)} for {scope}{_key_hint(dest[:200], pool)}")
         where = f"config file {path}: " + (f"section '{section}': " if section else "")
         if dest in aliases:
             if not isinstance(value, bool):
-                raise UsageError(f"{where}'{dest}' must be true or false, got {value!r}")
+                raise UsageError(f"{where}'{dest}' must be true or false, got {shown(value)}")
             if value:
                 values[aliases[dest].dest] = aliases[dest].alias[1]
         elif dest in mine:
@@ -322,7 +374,7 @@ def config_file_values(path: str | Path, command: str, flags: Sequence[Flag], kn
     for key, value in raw.items():
         if sections and key in sections:
             if not isinstance(value, dict):
-                raise UsageError(f"config file {path}: section '{key}' must be a mapping")
+                raise UsageError(f"config file {path}: section {shown(key)} must be a mapping")
             continue
         take(key, value, None)
     for key, value in ((raw.get(command) or {}).items() if sections else ()):

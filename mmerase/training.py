@@ -51,6 +51,20 @@ class TrainConfig:
     shuffle: bool = option(True, help="reshuffle the data every epoch")
     progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if int(self.warmup_steps) < 0:
+            raise ValueError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if not (0 < self.lr < float("inf")):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("weight_decay", "l2"):
+            if not (0 <= getattr(self, name) < float("inf")):
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {getattr(self, name)}")
+        if self.max_grad_norm is not None and not (0 < self.max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or none, got {self.max_grad_norm}")
+
 
 @dataclass
 class TrainResult:

@@ -5,8 +5,10 @@ The CLI only parses options into these calls; projects can call them directly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 from .data import DataError, load_dataset
 from .distributed import barrier, is_main_process, zero3_wrap
 from .editfile import parse_edits
-from .prepare import Preparation, PreconditionerConfig, open_preparation, prepare, save_preparation
+from .prepare import Preparation, PreconditionerConfig, open_preparation, prepare, write_preparation
 from .influence import InfluenceEngine, SolverConfig, SolveResult
 from .influence.distributed import world
 from .influence.plan import resolve
@@ -25,11 +27,12 @@ from .methods import (MethodError, MethodResult, Meter, check_request, estimate 
                       retraining_passes, unlearn)
 from .models import LoadOptions, LoraSettings, load_model
 from .options import option
-from .record import (OutputExistsError, atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file,
-                     versions, write_json)
+from .fileio import shown
+from .record import atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file, versions, write_json
 from .training import TrainConfig, finetune
 
 RECORD_NAME = "mmerase_record.json"
+LOG = logging.getLogger("mmerase")
 
 BASE_HELP = ("base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama, tiny-llava-next, "
              "tiny-llava-onevision, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl)")
@@ -50,7 +53,12 @@ class AdapterFiles:
 
     base: str = option(None, required=True, help=BASE_HELP)
     adapter: str = option(None, required=True, help="the trained peft adapter folder (only read)")
-    data: str = option(None, required=True, help="the training data the adapter was trained on")
+    data: str = option(None, required=True, help=(
+        "the training data the adapter was trained on (checked against the sha256 and size in the adapter's run "
+        "record)"))
+    allow_other_data: bool = option(False, help=(
+        "proceed although --data is not the data the adapter's run record names (a different sha256 or size): "
+        "only on purpose, e.g. the same samples re-serialised"))
 
 
 @dataclass
@@ -58,6 +66,9 @@ class UnlearnFiles(AdapterFiles):
     """What `mmerase unlearn` reads and writes."""
 
     edits: str = option(None, required=True, help="edits file (JSONL: remove / modify / correct / add)")
+    allow_outside_images: bool = option(False, help=(
+        "accept edit images outside the edits file's folder and the data's folder (absolute paths, ../, symlinks "
+        "leading out); each image's path, resolved path and sha256 are in the run record either way"))
     out: str = option(None, required=True, help="new adapter folder (must not exist)")
     prepared: str | None = option(None, help=(
         "preparation folder from `mmerase prepare` for this adapter (or one it descends from), data, curvature and "
@@ -86,14 +97,21 @@ class GenerateFiles:
     max_new_tokens: int = option(16, help="answer length limit")
     progress: bool | None = option(None, help="progress bars (default: only on a terminal)")
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _refuse_existing(out: str | Path) -> None:
-    if Path(out).exists():
-        raise OutputExistsError(f"output {out} already exists; choose another --out or remove it")
+def _output_dir(out: str | Path, inputs: list[Any], active: bool = True) -> Any:
+    """The output folder's partial twin, created (and locked) before any work so that an unusable ``out`` or a
+    second writer is refused at once (:func:`mmerase.fileio.atomic_output_dir`); a no-op where this process does
+    not write (``active=False``: another rank, or an estimate)."""
+    return atomic_output_dir(out, inputs=inputs) if active else contextlib.nullcontext(None)
 
 
 def _file_info(path: str | Path, n: int | None = None) -> dict[str, Any]:
@@ -106,12 +124,11 @@ def _file_info(path: str | Path, n: int | None = None) -> dict[str, Any]:
 def run_finetune(base: str, data: str | Path, out: str | Path, *, train: TrainConfig, lora: LoraSettings,
                  options: LoadOptions) -> dict[str, Any]:
     """Train a fresh LoRA adapter on ``data`` and write it (plus a run record) to ``out``."""
-    _refuse_existing(out)
     t0 = time.perf_counter()
-    samples = load_dataset(data)
-    bundle = load_model(base, lora=lora, options=options)
-    t_load = time.perf_counter() - t0
-    with atomic_output_dir(out) as tmp:
+    with _output_dir(out, [data, base]) as tmp:
+        samples = load_dataset(data)
+        bundle = load_model(base, lora=lora, options=options)
+        t_load = time.perf_counter() - t0
         result = finetune(bundle, samples, train, output_dir=tmp)
         record = {
             "command": "finetune", "created": _now(), "base": base, "data": _file_info(data, len(samples)),
@@ -176,15 +193,43 @@ def retraining_info(previous: dict[str, Any] | None, retrain_passes: int | None)
     return {"passes": recorded, "source": "adapter run record" if recorded else None}
 
 
+def check_data(data: str | Path, n: int, record: dict[str, Any] | None, adapter: str | Path,
+               allow_other: bool = False) -> None:
+    """Refuse ``data`` (``n`` samples) when the adapter's run record names other training data (sha256 or size):
+    influence and every method assume the data is the adapter's own, and a wrong file gives a wrong answer without
+    any other sign. ``allow_other`` proceeds on purpose. An adapter without a record (not made by mmerase), or whose
+    record names no data, is not checked."""
+    made = (record or {}).get("data") or {}
+    if allow_other or not made.get("sha256"):
+        return
+    sha = sha256_file(data)
+    if sha != made["sha256"] or (made.get("n") is not None and made["n"] != n):
+        raise DataError(f"--data {data} (sha256 {sha[:12]}, {n} samples) is not the data adapter {adapter} was "
+                        f"trained on (its run record: sha256 {str(made['sha256'])[:12]}, {made.get('n')} samples); "
+                        "pass the adapter's own training data, or --allow-other-data to proceed on purpose")
+
+
+def check_remaining(train: list, requests: list, edits: str | Path) -> None:
+    """Refuse edits that remove every training sample: no method has anything to keep, and retraining is undefined."""
+    removed = sum(r.edit.new is None for r in requests)
+    if removed >= len(train) and not any(r.edit.old is None for r in requests):
+        raise DataError(f"{edits}: the edits remove all {len(train)} training samples; nothing would be left to "
+                        "train on")
+
+
 def open_request(adapter: str | Path, data: str | Path, edits: str | Path, *, method: str, method_config: Any,
                  solver: SolverConfig, budget: str | None, retrain_passes: int | None,
-                 prepared: str | Path | None, zero3: bool) -> UnlearnRequest:
-    """Read the data, edits and the adapter's record and refuse what the method cannot do, before any work: an op it
-    cannot serve (naming the edits file line), a budget ≤ 0 or in % without a retraining's passes, a preparation
-    for a method that does not use one. For influence, resolve the solve's plan (and open the preparation)."""
+                 prepared: str | Path | None, zero3: bool, allow_other_data: bool = False,
+                 allow_outside_images: bool = False) -> UnlearnRequest:
+    """Read the data, edits and the adapter's record and refuse what the method cannot do, before any work: data
+    that is not the adapter's (:func:`check_data`), edits that remove everything, an op the method cannot serve
+    (naming the edits file line), a budget ≤ 0 or in % without a retraining's passes, a preparation for a method
+    that does not use one. For influence, resolve the solve's plan (and open the preparation)."""
     train = load_dataset(data)
-    requests = parse_edits(edits, train)
     previous = read_record(adapter)
+    check_data(data, len(train), previous, adapter, allow_other_data)
+    requests = parse_edits(edits, train, image_roots=[Path(data).parent], outside_images=allow_outside_images)
+    check_remaining(train, requests, edits)
     retraining = retraining_info(previous, retrain_passes)
     labels = [(r.record["op"], f"edits file line {r.line}") for r in requests]
     config = method_config if method_config is not None else (solver if method == "influence" else None)
@@ -207,10 +252,14 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
                 solver: SolverConfig, options: LoadOptions, deepspeed_config: str | Path | None = None,
                 memory_report: bool = True, prepared: str | Path | None = None, cache_features: bool = True,
                 method: str = "influence", method_config: Any = None, budget: str | None = None,
-                retrain_passes: int | None = None, estimate: bool = False) -> UnlearnOutcome:
+                retrain_passes: int | None = None, estimate: bool = False, allow_other_data: bool = False,
+                allow_outside_images: bool = False) -> UnlearnOutcome:
     """base + adapter + training data + edits file → a new adapter folder ``out`` with its run record.
 
-    The input adapter and data are only read. ``out`` appears only when everything was written.
+    The input adapter and data are only read. ``out`` is checked (and its partial twin created) before any work
+    and appears only when everything was written. ``data`` must be the data the adapter's run record names unless
+    ``allow_other_data``; edit images must lie in the edits file's or the data's folder unless
+    ``allow_outside_images`` (see :func:`open_request`).
 
     ``method`` (default ``influence``, with ``solver``) is any registered unlearning method
     (:mod:`mmerase.methods`) with its ``method_config`` (default: its defaults; for influence, ``solver``) and a
@@ -232,15 +281,31 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
     vision encoder and projector are frozen; influence only: the gradient methods run the model as the fine-tune
     does).
     """
-    if not estimate:
-        _refuse_existing(out)
+    with _output_dir(out, [adapter, data, edits, prepared, deepspeed_config, base],
+                     active=not estimate and is_main_process()) as tmp:
+        outcome = _unlearn(base, adapter, data, edits, out, tmp, solver=solver, options=options,
+                           deepspeed_config=deepspeed_config, memory_report=memory_report, prepared=prepared,
+                           cache_features=cache_features, method=method, method_config=method_config, budget=budget,
+                           retrain_passes=retrain_passes, estimate=estimate,
+                           checks={"allow_other_data": allow_other_data, "allow_outside_images": allow_outside_images})
+    barrier()
+    return outcome
+
+
+def _unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | Path, out: str | Path,
+             tmp: Path | None, *, solver: SolverConfig, options: LoadOptions, deepspeed_config: str | Path | None,
+             memory_report: bool, prepared: str | Path | None, cache_features: bool, method: str, method_config: Any,
+             budget: str | None, retrain_passes: int | None, estimate: bool, checks: dict[str, bool],
+             ) -> UnlearnOutcome:
+    """:func:`run_unlearn`'s work; the adapter and record go to ``tmp`` (None: this process writes nothing)."""
     t0 = time.perf_counter()
     req = open_request(adapter, data, edits, method=method, method_config=method_config, solver=solver,
                        budget=budget, retrain_passes=retrain_passes, prepared=prepared,
-                       zero3=deepspeed_config is not None)
+                       zero3=deepspeed_config is not None, **checks)
     influence = req.plan is not None
     bundle = load_model(base, adapter=adapter, options=dataclasses.replace(
         options, exact_hvp=req.plan.needs_double_backward) if influence else options)
+    notes = context_warnings(bundle, req.requests)
     t_load = time.perf_counter() - t0
     model, distributed = bundle.model, {"world_size": world()[1], "zero3": None}
     if deepspeed_config is not None:
@@ -266,14 +331,39 @@ def run_unlearn(base: str, adapter: str | Path, data: str | Path, edits: str | P
                             timings={"load_s": t_load, "solve_s": time.perf_counter() - t0 - t_load})
     record["feature_cache"] = None if cache is None else {"level": cache.level, "images": cache.n_images,
                                                           "hits": cache.hits, "misses": cache.misses}
-    record["timings"]["total_s"] = time.perf_counter() - t0
-    if is_main_process():  # every rank holds the same adapter; one writes it
-        with atomic_output_dir(out) as tmp:
-            bundle.save_adapter(tmp)
-            record["timings"]["total_s"] = time.perf_counter() - t0
-            write_json(tmp / RECORD_NAME, record)
-    barrier()
+    record["warnings"] = notes
+    if tmp is not None:  # every rank holds the same adapter; one writes it
+        bundle.save_adapter(tmp)
+        record["timings"]["total_s"] = time.perf_counter() - t0
+        write_json(tmp / RECORD_NAME, record)
     return UnlearnOutcome(Path(out), done.solve, record, done)
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence the model's positions are made for (its config's ``max_position_embeddings``, the text
+    model's for a VLM), or None when the config does not say."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def context_warnings(bundle: Any, requests: list) -> list[str]:
+    """A warning (logged on ``mmerase``, and kept for the run record) for each edit whose new sample has more
+    tokens than the model's context: the model never saw such positions, so its loss there, and the edit's
+    gradient, mean little. Image tokens count once each here, so the true length is longer still."""
+    limit = context_length(bundle.model)
+    out: list[str] = []
+    for r in requests if limit is not None else ():
+        if r.edit.new is None:
+            continue
+        n = len(bundle.encode(r.edit.new).input_ids)
+        if n > limit:
+            out.append(f"edits file line {r.line}: sample {shown(r.edit.new.id)} is at least {n} tokens, longer "
+                       f"than the model's context ({limit}); its answer is trained past the positions the model knows")
+    for text in out:
+        LOG.warning(text)
+    return out
 
 
 def unlearn_record(req: UnlearnRequest, done: MethodResult, *, base: str, adapter: str | Path, data: str | Path,
@@ -284,6 +374,7 @@ def unlearn_record(req: UnlearnRequest, done: MethodResult, *, base: str, adapte
     request = {"edits": _file_info(edits, len(req.requests)),
                "ops": dict(Counter(r.record["op"] for r in req.requests)),
                "ids": [r.record.get("id", r.record.get("sample", {}).get("id")) for r in req.requests],
+               "images": [{"line": r.line, **image} for r in req.requests for image in r.images],
                "created": _now(), "adapter_sha256": adapter_sha, "method": done.method}
     record: dict[str, Any] = {
         "command": "unlearn", "created": request["created"], "base": base,
@@ -316,8 +407,19 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
                 cache_features: bool = True) -> Preparation:
     """Build once what later requests against ``adapter`` and ``data`` reuse (a preconditioner for
     ``solver.curvature`` + ``solver.damping``) and write it to the new folder ``out``."""
-    _refuse_existing(out)
     t0 = time.perf_counter()
+    with _output_dir(out, [adapter, data, base]) as tmp:
+        prep = _prepare(base, adapter, data, solver=solver, config=config, options=options,
+                        cache_features=cache_features, t0=t0)
+        write_preparation(prep, tmp)
+    prep.path = Path(out)
+    return prep
+
+
+def _prepare(base: str, adapter: str | Path, data: str | Path, *, solver: SolverConfig,
+             config: PreconditionerConfig | None, options: LoadOptions, cache_features: bool,
+             t0: float) -> Preparation:
+    """:func:`run_prepare`'s work: the preparation, its cost and timings (``t0``: when the run started)."""
     train = load_dataset(data)
     plan = resolve(solver)
     bundle = load_model(base, adapter=adapter, options=dataclasses.replace(
@@ -333,7 +435,6 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
                               "load": asdict(bundle.options)})
     prep.record["accounting"] = meter.accounting(retrain_passes=retraining_passes(read_record(adapter))).to_dict()
     prep.record["timings"] = {"load_s": t_load, "prepare_s": time.perf_counter() - t0 - t_load}
-    save_preparation(prep, out)
     return prep
 
 
@@ -352,13 +453,11 @@ def check_uniform_modality(train: list, edits: list, data: str | Path) -> None:
 def run_generate(base: str, adapter: str | Path | None, data: str | Path, out: str | Path, *, options: LoadOptions,
                  batch_size: int = 8, max_new_tokens: int = 16, progress: bool | None = None) -> dict[str, Any]:
     """Greedy answers for every record of ``data`` (LLaVA format; the last user turn is asked) → JSONL ``out``."""
-    if Path(out).exists():
-        raise OutputExistsError(f"output file {out} already exists; choose another --out or remove it")
     t0 = time.perf_counter()
-    samples = load_dataset(data)
-    bundle = load_model(base, adapter=adapter, options=options)
-    answers = bundle.generate(samples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    with atomic_output_file(out) as tmp:
+    with atomic_output_file(out, inputs=[data, adapter, base]) as tmp:
+        samples = load_dataset(data)
+        bundle = load_model(base, adapter=adapter, options=options)
+        answers = bundle.generate(samples, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         with open(tmp, "w", encoding="utf-8") as f:
             for s, a in zip(samples, answers):
                 f.write(json.dumps({"id": s.id, "answer": a}, ensure_ascii=False) + "\n")

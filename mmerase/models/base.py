@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mmerase.data import DataError, Sample
+from mmerase.fileio import shown
 from mmerase.models.encoding import ChatEncoder, Encoded, TemplateError, chat_template_of, pad_rows
 from mmerase.models.loading import (AdapterMismatchError, FamilySpec, LoadOptions, LoraSettings, ModelLoadError,
                                     TEXT_TARGETS, keep_checkpointing_in_products, load_adapter, load_peft_model,
@@ -96,7 +97,7 @@ class ModelBundle:
     def encode(self, sample: Sample, for_generation: bool = False) -> Encoded:
         """Token ids and labels of one sample (see :meth:`~mmerase.models.encoding.ChatEncoder.encode`)."""
         if sample.has_image and not self.supports_images:
-            raise DataError(f"sample '{sample.id}' has an image but model family {self.family!r} is text-only")
+            raise DataError(f"sample {shown(sample.id)} has an image but model family {self.family!r} is text-only")
         return self.encoder.encode(sample, for_generation)
 
     def text_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

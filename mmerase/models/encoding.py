@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from mmerase.data import IMAGE_PLACEHOLDER, Sample
+from mmerase.fileio import shown
 from mmerase.models.task import IGNORE_INDEX
 
 # Used when a checkpoint has no chat template (e.g. a base LM): LLaVA-1.5 style "USER: ... ASSISTANT: ...".
@@ -121,7 +122,7 @@ class ChatEncoder:
             if not (upto.startswith(prefix) and text.startswith(upto)):
                 raise TemplateError(
                     f"the chat template of {self.name!r} renders conversation prefixes inconsistently "
-                    f"(sample '{sample.id}', turn {i}), so assistant turns cannot be located; pass a template "
+                    f"(sample {shown(sample.id)}, turn {i}), so assistant turns cannot be located; pass a template "
                     "whose rendering of a prefix of a conversation is a prefix of the whole")
             spans.append((len(prefix), self.turn_end(text, len(prefix), len(upto))))
         return spans
@@ -146,7 +147,7 @@ class ChatEncoder:
         n_images = 0 if self.image_token_id is None else sum(1 for t in ids if t == self.image_token_id)
         if self.image_token_id is not None and n_images != sample.image_count:
             raise TemplateError(
-                f"sample '{sample.id}': the chat template produced {n_images} image token(s) for "
+                f"sample {shown(sample.id)}: the chat template produced {n_images} image token(s) for "
                 f"{sample.image_count} image(s); it must emit the image token once per image part")
         return Encoded(ids, labels, n_images)
 

@@ -6,7 +6,7 @@ default, which modules form its projector and which stay full precision under NF
 
 from __future__ import annotations
 
-import json
+import argparse
 import re
 import warnings
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmerase.fileio import FileFormatError, read_json, shown
 from mmerase.models.exact import keep_norms_in_dtype, register_exact_attention, supports_exact_float64
 from mmerase.options import option
 
@@ -55,6 +56,22 @@ class LoraSettings:
     seed: int = option(0, help="seed of the adapter's initialisation and of the data order")
 
 
+def parse_device(text: str) -> str:
+    """A ``--device`` value, refused at parse time when it names no device torch knows, or a CUDA device this
+    machine does not have (rather than an assertion deep inside torch once the model is loaded)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"is not a device torch knows: {shown(text)} (cpu, cuda, cuda:1 …)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{shown(text)} asks for a CUDA device, and this machine has "
+                                             f"{count} (torch {torch.__version__}"
+                                             f"{'' if torch.version.cuda else ', a build without CUDA'})")
+    return text
+
+
 @dataclass
 class LoadOptions:
     """How to load a base model.
@@ -75,7 +92,8 @@ class LoadOptions:
         "the adapter stays in --dtype"))
     exact_hvp: bool = option(True, cli=False, help="eager attention, for products that need a double backward")
     attn_implementation: str | None = option(None, cli=False, help="the attention kernel transformers loads")
-    device: str | None = option(None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    device: str | None = option(None, parse=parse_device, help=(
+        "cpu, cuda, cuda:1 … (default: cuda when available)"))
     local_files_only: bool = option(False, help="never contact the hub when loading the base")
     gradient_checkpointing: bool = option(False, help=(
         "recompute activations in the backward pass: less memory, about a third more time (exact products "
@@ -224,21 +242,137 @@ def load_peft_model(spec: FamilySpec, path: str, options: LoadOptions, *, adapte
     return model
 
 
-# ---- adapters ---------------------------------------------------------------------------------------------------
+# ---- adapters ----------------------------------------------------------------------------------------------------
+
+ADAPTER_CONFIG = "adapter_config.json"
+SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
+LEGACY_WEIGHTS = "adapter_model.bin"
+#: peft types loaded and unlearned through the same path as LoRA (verified end to end on the tiny presets:
+#: influence and gradient-method requests, generation): tuners whose trainable weights live in, or scale, the base's
+#: linear layers. Prompt-learning types (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, …) change the input sequence, which
+#: mmerase's batches, padding and losses do not account for (PROMPT_TUNING fails outright); others are unverified.
+PEFT_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "VERA", "ADALORA")
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first line, bounded and escaped (library messages may echo values from a file)."""
+    text = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return shown(text, limit, quote=False)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter folder's ``adapter_config.json`` as a dict.
+
+    A missing file is "not a peft adapter folder"; a folder in its place, text that is not UTF-8, invalid JSON, a key
+    given twice, nesting deeper than :data:`mmerase.fileio.MAX_NESTING` or a document that is not a JSON object is
+    an :class:`AdapterMismatchError` naming the file.
+    """
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterMismatchError(f"{adapter_dir} is not a peft adapter folder (no {ADAPTER_CONFIG})")
+    try:
+        config = read_json(path)
+    except FileFormatError as exc:
+        raise AdapterMismatchError(f"adapter config {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterMismatchError(f"adapter config {path}: expected a JSON object, found a {type(config).__name__}")
+    return config
+
+
+def check_peft_type(adapter_dir: str | Path, config: dict[str, Any]) -> str:
+    """The adapter's ``peft_type`` if mmerase serves it (:data:`PEFT_TYPES`), else a :class:`ModelLoadError` naming
+    the folder and the type."""
+    kind = config.get("peft_type")
+    if kind is None:
+        raise AdapterMismatchError(f"adapter config {Path(adapter_dir) / ADAPTER_CONFIG}: no peft_type")
+    if kind not in PEFT_TYPES:
+        raise ModelLoadError(
+            f"adapter {adapter_dir} is a {shown(kind)} adapter (peft_type in its {ADAPTER_CONFIG}); mmerase unlearns "
+            f"LoRA adapters and the weight adapters that work like them ({', '.join(PEFT_TYPES)}), not prompt-"
+            "learning or other peft types")
+    return kind
+
+
+def _unreadable_safetensors(path: Path, exc: BaseException) -> AdapterMismatchError:
+    return AdapterMismatchError(f"{path} is not a readable safetensors file ({_first_line(exc)}); the adapter is "
+                                "damaged or incompletely copied")
+
+
+def _legacy_state(path: Path) -> dict[str, torch.Tensor]:
+    """The name → tensor mapping of a legacy ``adapter_model.bin``, loaded weights-only (no arbitrary objects)."""
+    import pickle
+
+    try:
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol: the refusal below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message proposes a load that can run arbitrary code: never repeat it
+        raise ModelLoadError(
+            f"{path} holds pickled objects other than weights; mmerase only loads adapter weights (an "
+            f"{SAFETENSORS_WEIGHTS}, or a weights-only {LEGACY_WEIGHTS} of tensors) and never unpickles code: save "
+            "the adapter with safetensors (peft's save_pretrained does by default)") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError) as exc:  # truncated / not a zip
+        detail = _first_line(exc)
+        detail = "" if "weights_only" in detail else f" ({detail})"
+        raise ModelLoadError(f"{path} is not a readable torch weights file{detail}; the adapter is damaged or "
+                             f"incompletely copied") from None
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold adapter weights (a mapping of names to tensors), but a "
+                             f"{type(state).__name__}")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ModelLoadError(f"{path} does not hold adapter weights only: entry {shown(key)} is a "
+                                 f"{type(value).__name__}, not a tensor")
+    return state
+
+
+def _weights_file(adapter_dir: Path) -> Path:
+    for name in (SAFETENSORS_WEIGHTS, LEGACY_WEIGHTS):
+        if (adapter_dir / name).is_file():
+            return adapter_dir / name
+    raise AdapterMismatchError(f"adapter folder {adapter_dir} has no {SAFETENSORS_WEIGHTS} (or .bin) weights")
+
 
 def saved_adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every weight saved in a peft adapter folder (safetensors, or a legacy ``.bin``)."""
-    from safetensors import safe_open
+    """Name → shape of every weight saved in a peft adapter folder (safetensors, or a legacy ``.bin``); a file that
+    cannot be read is a :class:`ModelLoadError` naming it."""
+    from safetensors import SafetensorError, safe_open
 
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        with safe_open(str(weights), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    legacy = adapter_dir / "adapter_model.bin"
-    if legacy.is_file():
-        state = torch.load(legacy, map_location="cpu", weights_only=True)
-        return {k: tuple(v.shape) for k, v in state.items()}
-    raise AdapterMismatchError(f"adapter folder {adapter_dir} has no adapter_model.safetensors (or .bin) weights")
+    weights = _weights_file(Path(adapter_dir))
+    if weights.name == SAFETENSORS_WEIGHTS:
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise _unreadable_safetensors(weights, exc) from None
+    return {k: tuple(v.shape) for k, v in _legacy_state(weights).items()}
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every weight saved in a peft adapter folder (CPU tensors); an unreadable file is a :class:`ModelLoadError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = _weights_file(Path(adapter_dir))
+    if weights.name == LEGACY_WEIGHTS:
+        return _legacy_state(weights)
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _unreadable_safetensors(weights, exc) from None
+
+
+def check_finite_weights(adapter_dir: str | Path, state: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`ModelLoadError` naming the adapter, its first non-finite weight and how many there are."""
+    bad = [(k, int((~torch.isfinite(v)).sum())) for k, v in state.items()
+           if v.is_floating_point() or v.is_complex()]
+    bad = [(k, n) for k, n in bad if n]
+    if bad:
+        name, count = bad[0]
+        raise ModelLoadError(
+            f"adapter {adapter_dir} holds non-finite weights: {len(bad)} of {len(state)} weight(s) contain NaN or "
+            f"inf, the first {shown(name)} ({count} value(s)); it cannot be used or unlearned (train it again or "
+            "restore a good copy)")
 
 
 def adapter_fit_problems(saved: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> list[str]:
@@ -249,7 +383,8 @@ def adapter_fit_problems(saved: dict[str, tuple[int, ...]], expected: dict[str, 
     if missing:
         problems.append(f"{len(missing)} weight(s) this model needs are absent, e.g. {missing[0]}")
     if unexpected:
-        problems.append(f"{len(unexpected)} saved weight(s) have no place in this model, e.g. {unexpected[0]}")
+        problems.append(f"{len(unexpected)} saved weight(s) have no place in this model, e.g. "
+                        f"{shown(unexpected[0], quote=False)}")
     shape_diffs = [k for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
     if shape_diffs:
         k = shape_diffs[0]
@@ -262,37 +397,41 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, *, base_name: str = "
     """Load a peft adapter folder onto ``base`` as a trainable adapter, checking first that it fits.
 
     Raises :class:`AdapterMismatchError` naming the folder and the mismatch (missing/unexpected weights, shape
-    differences, target modules absent from the base) instead of torch's size-mismatch traceback.
+    differences, target modules absent from the base) instead of torch's size-mismatch traceback, and a
+    :class:`ModelLoadError` naming the file or weight for an unreadable config or weights file, a peft type mmerase
+    does not serve (:data:`PEFT_TYPES`) or NaN / inf weights.
     """
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise AdapterMismatchError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json)")
+    check_peft_type(adapter_dir, read_adapter_config(adapter_dir))  # also: the file is sound JSON
     try:
         config = PeftConfig.from_pretrained(str(adapter_dir))
     except Exception as exc:
-        raise AdapterMismatchError(f"{adapter_dir}/adapter_config.json cannot be read: {exc}") from exc
+        raise AdapterMismatchError(f"{adapter_dir / ADAPTER_CONFIG} cannot be read: {_first_line(exc)}") from exc
     config.inference_mode = False
-    made_for = getattr(config, "base_model_name_or_path", None) or "another model"
-    saved = saved_adapter_shapes(adapter_dir)
+    made_for = getattr(config, "base_model_name_or_path", None)
+    made_for = shown(made_for, quote=False) if isinstance(made_for, str) and made_for else "another model"
+    state = read_adapter_weights(adapter_dir)
+    check_finite_weights(adapter_dir, state)
     try:
         with warnings.catch_warnings():  # peft warns that base_model_name_or_path changes: the fit is checked below
             warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*was renamed")
             model = get_peft_model(base, config)
     except ValueError as exc:
         raise AdapterMismatchError(
-            f"adapter {adapter_dir} does not fit {base_name}: its target modules are not in this model ({exc})"
-        ) from exc
+            f"adapter {adapter_dir} does not fit {base_name}: its target modules are not in this model "
+            f"({_first_line(exc)})") from exc
+    except (TypeError, KeyError, AttributeError) as exc:  # a config value of the wrong type reaches a layer
+        raise AdapterMismatchError(
+            f"adapter {adapter_dir}: its {ADAPTER_CONFIG} does not describe an adapter peft can build on {base_name} "
+            f"({type(exc).__name__}: {_first_line(exc)})") from exc
+    saved = {k: tuple(v.shape) for k, v in state.items()}
     problems = adapter_fit_problems(saved, {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()})
     if problems:
         raise AdapterMismatchError(f"adapter {adapter_dir} (made for {made_for}) does not fit {base_name}: "
                                    + "; ".join(problems))
-    weights = adapter_dir / "adapter_model.safetensors"
-    state = load_file(str(weights)) if weights.is_file() else torch.load(
-        adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
     upcast_trainable(model)  # before loading, so float32 weights are not rounded through bfloat16
     set_peft_model_state_dict(model, state)
     return model
@@ -341,19 +480,10 @@ def upcast_trainable(model: nn.Module) -> int:
     return count
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """The adapter folder's ``adapter_config.json`` as a dict."""
-    path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AdapterMismatchError(f"{adapter_dir} is not a peft adapter folder (no adapter_config.json)") from None
-
-
 __all__ = [
     "AdapterMismatchError", "DTYPES", "FamilySpec", "LM_TARGETS", "LoadOptions", "LoraSettings", "ModelLoadError",
-    "TEXT_TARGETS", "adapter_fit_problems", "attach_lora", "enable_gradient_checkpointing",
-    "keep_checkpointing_in_products", "load_adapter", "load_base", "load_peft_model", "projector_module_names",
-    "read_adapter_config",
-    "saved_adapter_shapes", "upcast_trainable",
+    "PEFT_TYPES", "TEXT_TARGETS", "adapter_fit_problems", "attach_lora", "check_finite_weights", "check_peft_type",
+    "enable_gradient_checkpointing", "keep_checkpointing_in_products", "load_adapter", "load_base", "load_peft_model",
+    "projector_module_names", "read_adapter_config", "read_adapter_weights", "saved_adapter_shapes",
+    "upcast_trainable",
 ]

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from mmerase.data import DataError, Sample, image_name, load_image_ref
+from mmerase.fileio import shown
 from mmerase.models.base import ModelBundle
 from mmerase.models.encoding import pad_rows
 from mmerase.models.loading import projector_module_names
@@ -118,11 +119,11 @@ class VisionBundle(ModelBundle):
         parts = []
         refs = sample.image_refs
         for ref in refs:
-            image = load_image_ref(ref, f"sample '{sample.id}': field 'image'")
+            image = load_image_ref(ref, f"sample {shown(sample.id)}: field 'image'")
             try:
                 parts.append(self.process_image(image, len(refs)))
             except Exception as exc:  # processors raise ValueError, TypeError, ...: the message is what matters
-                raise DataError(f"sample '{sample.id}': image {image_name(ref)} ({image.width}×{image.height}) cannot "
+                raise DataError(f"sample {shown(sample.id)}: image {image_name(ref)} ({image.width}×{image.height}) cannot "
                                 f"be taken by the {self.family} image processor: {exc}") from exc
         tensors = self.sample_tensors(self.merge_tensors(parts), len(parts))
         return ImageSet(tensors, self.token_counts(tensors, len(parts)))
