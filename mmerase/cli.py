@@ -148,7 +148,8 @@ def _cmd_prepare(a: argparse.Namespace, c: dict[type, Any]) -> int:
 
     files = c[PrepareFiles]
     prep = run_prepare(files.base, files.adapter, files.data, files.out, solver=c[SolverConfig],
-                       config=c[PreconditionerConfig], options=_load_options(c))
+                       config=c[PreconditionerConfig], options=_load_options(c),
+                       allow_other_data=files.allow_other_data)
     build_info = prep.record["build"]
     print(f"preparation ({prep.record['kind']}) written to {files.out} | {build_info['products']} products, "
           f"{prep.record['timings']['prepare_s']:.1f} s")

@@ -404,13 +404,14 @@ def unlearn_record(req: UnlearnRequest, done: MethodResult, *, base: str, adapte
 
 def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Path, *, solver: SolverConfig,
                 config: PreconditionerConfig | None = None, options: LoadOptions,
-                cache_features: bool = True) -> Preparation:
+                cache_features: bool = True, allow_other_data: bool = False) -> Preparation:
     """Build once what later requests against ``adapter`` and ``data`` reuse (a preconditioner for
-    ``solver.curvature`` + ``solver.damping``) and write it to the new folder ``out``."""
+    ``solver.curvature`` + ``solver.damping``) and write it to the new folder ``out`` (``data`` checked against the
+    adapter's record as :func:`check_data` does, unless ``allow_other_data``)."""
     t0 = time.perf_counter()
     with _output_dir(out, [adapter, data, base]) as tmp:
         prep = _prepare(base, adapter, data, solver=solver, config=config, options=options,
-                        cache_features=cache_features, t0=t0)
+                        cache_features=cache_features, t0=t0, allow_other_data=allow_other_data)
         write_preparation(prep, tmp)
     prep.path = Path(out)
     return prep
@@ -418,9 +419,10 @@ def run_prepare(base: str, adapter: str | Path, data: str | Path, out: str | Pat
 
 def _prepare(base: str, adapter: str | Path, data: str | Path, *, solver: SolverConfig,
              config: PreconditionerConfig | None, options: LoadOptions, cache_features: bool,
-             t0: float) -> Preparation:
+             t0: float, allow_other_data: bool) -> Preparation:
     """:func:`run_prepare`'s work: the preparation, its cost and timings (``t0``: when the run started)."""
     train = load_dataset(data)
+    check_data(data, len(train), read_record(adapter), adapter, allow_other_data)
     plan = resolve(solver)
     bundle = load_model(base, adapter=adapter, options=dataclasses.replace(
         options, exact_hvp=plan.needs_double_backward))

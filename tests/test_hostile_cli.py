@@ -356,3 +356,25 @@ def test_a_failed_final_rename_removes_the_partial_output(tmp_path):
             (tmp / "x").write_text("work")
             out.symlink_to(tmp_path / "nowhere")  # someone else took the name meanwhile
     assert partials(tmp_path) == [] and out.is_symlink()
+
+
+def test_an_unwritable_parent_is_refused_before_any_work(tmp_path, capsys):
+    """The base and data named do not exist, so the refusal proves the output is checked first. As root every
+    folder is writable by permission, so there the parent is /proc, where nothing can be created."""
+    if os.geteuid() == 0:
+        parent = Path("/proc")
+    else:
+        parent = tmp_path / "read-only"
+        parent.mkdir()
+        os.chmod(parent, 0o555)
+    out = parent / "mmerase-out"
+    refused(["finetune", "--base", "no-base", "--data", "no-data", "--out", out], capsys, out, out=out)
+    assert not os.path.lexists(out)
+
+
+def test_prepare_refuses_data_that_is_not_the_adapters(trained, tmp_path, capsys):
+    other = write_jsonl(tmp_path / "train.jsonl", text_rows(12)[::-1])  # the same samples, another order
+    out = tmp_path / "prep"
+    refused(["prepare", "--base", trained["base"], "--adapter", trained["adapter"], "--data", other, "--out", out,
+             "--curvature", "ggn", "--damping", "1", "--no-progress"], capsys, other, "--allow-other-data",
+            inputs=(other, trained["adapter"]), out=out)
