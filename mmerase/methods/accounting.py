@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..fileio import shown
 from ..influence.distributed import all_reduce_, world
 from ..memory import PeakMemory, product_report, training_step_report
 from .base import MethodError
@@ -60,11 +61,11 @@ class Budget:
         try:
             value = float(raw[:-1] if relative else raw)
         except ValueError:
-            raise MethodError(f"budget {raw!r} is neither a number of sample passes (e.g. 600) nor a percentage of "
+            raise MethodError(f"budget {shown(raw)} is neither a number of sample passes (e.g. 600) nor a percentage of "
                               "one retraining (e.g. 10%)") from None
         if not (value > 0) or not math.isfinite(value):
             raise MethodError(f"budget must be > 0 (sample passes, e.g. 600, or a percentage of one retraining, "
-                              f"e.g. 10%); got {raw!r}")
+                              f"e.g. 10%); got {shown(raw)}")
         return cls(value / 100.0 if relative else value, relative)
 
     def passes(self, retrain_passes: int | None) -> float:

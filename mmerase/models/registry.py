@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mmerase.fileio import shown
 from mmerase.models.base import ModelBundle
 from mmerase.models.loading import LoadOptions, LoraSettings, ModelLoadError
 from mmerase.models.llava import LlavaBundle
@@ -33,7 +34,7 @@ def family_for(config: Any) -> type[ModelBundle]:
 
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return TextBundle
-    raise ModelLoadError(f"unsupported model_type {model_type!r}: mmerase serves {', '.join(sorted(FAMILIES))} "
+    raise ModelLoadError(f"unsupported model_type {shown(model_type)}: mmerase serves {', '.join(sorted(FAMILIES))} "
                          "and text causal LMs (AutoModelForCausalLM)")
 
 
