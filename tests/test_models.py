@@ -230,6 +230,71 @@ def test_adapter_on_wrong_base_is_a_clear_error(tiny_llava_dir, tiny_llama_dir, 
         load_model(tiny_llava_dir, adapter=tmp_path, options=F64)
 
 
+_OTHER_PEFT = {  # the peft types besides LoRA that loading.PEFT_TYPES accepts, each as a small config
+    "LOHA": lambda peft, t: peft.LoHaConfig(r=4, target_modules=t, init_weights=False),
+    "LOKR": lambda peft, t: peft.LoKrConfig(r=4, target_modules=t, init_weights=False),
+    "IA3": lambda peft, t: peft.IA3Config(target_modules=t, feedforward_modules=["down_proj"]),
+    "VERA": lambda peft, t: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "ADALORA": lambda peft, t: peft.AdaLoraConfig(init_r=4, target_modules=t, total_step=10),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_OTHER_PEFT))
+def test_weight_adapters_of_other_peft_types_load_like_peft_does(kind, tiny_llama_dir, tmp_path, mixed_samples):
+    """The weight adapters accepted besides LoRA load through the same path: the same logits as the peft model that
+    saved them, every saved weight trainable (the unlearning paths themselves were run on each by hand)."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from mmerase.models.loading import PEFT_TYPES
+
+    assert set(_OTHER_PEFT) == set(PEFT_TYPES) - {"LORA"}
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64)
+    torch.manual_seed(0)
+    made = peft.get_peft_model(base, _OTHER_PEFT[kind](peft, ["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():  # away from the identity initialisation, so the adapter changes the logits
+        for p in made.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    made.save_pretrained(tmp_path / kind)
+    assert json.loads((tmp_path / kind / "adapter_config.json").read_text())["peft_type"] == kind
+    bundle = load_model(tiny_llama_dir, adapter=tmp_path / kind, options=F64)
+    batch = bundle.collate([s for s in mixed_samples if not s.has_image])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    made.eval(), bundle.model.eval()
+    with torch.no_grad():
+        ours, theirs = bundle.model(**inputs).logits, made(**inputs).logits
+        with made.disable_adapter():
+            plain = made(**inputs).logits
+    # transformers' own float64 eager softmax runs in float32 (mmerase's is float64: see models.exact), hence 1e-5
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (theirs - plain).abs().max() > 1e-2
+    assert bundle.trainable_parameters() and all(p.requires_grad for p in bundle.trainable_parameters().values())
+
+
+def test_adapters_peft_type_and_weights_are_checked(tiny_llama_dir, llama64, tmp_path):
+    """A peft type mmerase does not serve, NaN weights and a damaged weights file name the folder / file / weight."""
+    from safetensors.torch import load_file, save_file
+
+    ad = llama64.save_adapter(tmp_path / "ad")
+    config = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "PROMPT_TUNING"}))
+    with pytest.raises(ModelLoadError, match=rf"^adapter {re.escape(str(ad))} is a 'PROMPT_TUNING' adapter .*"
+                                             "mmerase unlearns LoRA adapters"):
+        load_model(tiny_llama_dir, adapter=ad, options=F64)
+    (ad / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(ad / "adapter_model.safetensors")
+    name = sorted(weights)[2]
+    weights[name][0, :3] = float("nan")
+    save_file(weights, ad / "adapter_model.safetensors")
+    with pytest.raises(ModelLoadError, match=rf"holds non-finite weights: 1 of {len(weights)} .* the first "
+                                             rf"'{re.escape(name)}' \(3 value\(s\)\)"):
+        load_model(tiny_llama_dir, adapter=ad, options=F64)
+    (ad / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterMismatchError, match=r"adapter_model.safetensors is not a readable safetensors file"):
+        load_model(tiny_llama_dir, adapter=ad, options=F64)
+
+
 def test_nf4_quantizes_only_the_language_model(tiny_llava_dir, mixed_samples):
     import bitsandbytes as bnb
 

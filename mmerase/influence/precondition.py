@@ -119,6 +119,10 @@ class Preconditioner:
     def from_state(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> "Preconditioner":
         raise NotImplementedError
 
+    def check_state(self) -> None:
+        """Raise ``ValueError`` naming the first loaded tensor whose shape does not fit the parameters it was built
+        for (a tampered or mismatched preparation), instead of a shape error in the middle of a solve."""
+
     def info(self) -> dict[str, Any]:
         """JSON-able description (everything but the tensors)."""
         return {"kind": self.kind, "names": self.names, "shapes": [list(s) for s in self.shapes],
@@ -170,6 +174,11 @@ class DiagonalPreconditioner(Preconditioner):
 
     def state(self):
         return {f"diag.{i}": d.detach().cpu().contiguous() for i, d in enumerate(self.diag)}
+
+    def check_state(self):
+        _check_count(self.names, self.shapes)
+        for i, (d, s) in enumerate(zip(self.diag, self.shapes)):
+            _check_shape(f"diag.{i}", d, s)
 
     @classmethod
     def from_state(cls, tensors, info):
@@ -232,6 +241,23 @@ class KroneckerPreconditioner(Preconditioner):
             t[f"rest.{i}"] = d.reshape(1).contiguous()
         return t
 
+    def check_state(self):
+        _check_count(self.names, self.shapes)
+        for k, blk in enumerate(self.blocks):
+            out, inp = _matrix_shape(self.shapes, blk.weight)
+            if blk.bias is not None:
+                if (not isinstance(blk.bias, int) or not 0 <= blk.bias < len(self.shapes)
+                        or self.shapes[blk.bias] != (out,)):
+                    raise ValueError(f"block {k}: bias index {blk.bias!r} is not a bias of {out} values")
+                inp += 1
+            _check_shape(f"block.{k}.q_a", blk.q_a, (inp, inp))
+            _check_shape(f"block.{k}.q_g", blk.q_g, (out, out))
+            _check_shape(f"block.{k}.eig", blk.eig, (out, inp))
+        for i, d in self.rest.items():
+            if not 0 <= i < len(self.shapes):
+                raise ValueError(f"rest.{i} names no parameter (there are {len(self.shapes)})")
+            _check_shape(f"rest.{i}", d, (1,))
+
     def info(self):
         out = super().info()
         out["blocks"] = [{"module": b.module, "weight": b.weight, "bias": b.bias} for b in self.blocks]
@@ -269,10 +295,36 @@ class LowRankPreconditioner(Preconditioner):
     def state(self):
         return {"basis": self.basis.contiguous(), "values": self.values.contiguous()}
 
+    def check_state(self):
+        _check_count(self.names, self.shapes)
+        n = sum(math.prod(s) for s in self.shapes)
+        if self.basis.dim() != 2 or self.basis.shape[1] != n:
+            raise ValueError(f"basis has shape {list(self.basis.shape)}, the parameters need [k, {n}]")
+        _check_shape("values", self.values, (self.basis.shape[0],))
+        if not math.isfinite(self.tail):
+            raise ValueError(f"tail {self.tail} is not finite")
+
     @classmethod
     def from_state(cls, tensors, info):
         return cls(info["names"], info["shapes"], info["damping"], tensors["basis"], tensors["values"],
                    info["meta"]["tail"], info["meta"])
+
+
+def _check_count(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> None:
+    if len(names) != len(shapes) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{len(names)} parameter name(s) for {len(shapes)} shape(s)")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: Sequence[int]) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+
+
+def _matrix_shape(shapes: Sequence[tuple[int, ...]], index: Any) -> tuple[int, int]:
+    if not isinstance(index, int) or not 0 <= index < len(shapes) or len(shapes[index]) != 2:
+        raise ValueError(f"block weight index {index!r} is not a matrix parameter")
+    out, inp = shapes[index]
+    return out, inp
 
 
 PRECONDITIONERS: dict[str, type[Preconditioner]] = {

@@ -371,7 +371,7 @@ def check_finite_weights(adapter_dir: str | Path, state: dict[str, torch.Tensor]
         name, count = bad[0]
         raise ModelLoadError(
             f"adapter {adapter_dir} holds non-finite weights: {len(bad)} of {len(state)} weight(s) contain NaN or "
-            f"inf, the first {shown(name)} ({count} value(s)); it cannot be used or unlearned (train it again or "
+            f"inf, the first {shown(name, 200)} ({count} value(s)); it cannot be used or unlearned (train it again or "
             "restore a good copy)")
 
 
@@ -384,7 +384,7 @@ def adapter_fit_problems(saved: dict[str, tuple[int, ...]], expected: dict[str, 
         problems.append(f"{len(missing)} weight(s) this model needs are absent, e.g. {missing[0]}")
     if unexpected:
         problems.append(f"{len(unexpected)} saved weight(s) have no place in this model, e.g. "
-                        f"{shown(unexpected[0], quote=False)}")
+                        f"{shown(unexpected[0], 200, quote=False)}")
     shape_diffs = [k for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
     if shape_diffs:
         k = shape_diffs[0]
@@ -412,7 +412,7 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, *, base_name: str = "
         raise AdapterMismatchError(f"{adapter_dir / ADAPTER_CONFIG} cannot be read: {_first_line(exc)}") from exc
     config.inference_mode = False
     made_for = getattr(config, "base_model_name_or_path", None)
-    made_for = shown(made_for, quote=False) if isinstance(made_for, str) and made_for else "another model"
+    made_for = shown(made_for, 300, quote=False) if isinstance(made_for, str) and made_for else "another model"
     state = read_adapter_weights(adapter_dir)
     check_finite_weights(adapter_dir, state)
     try:
@@ -425,7 +425,7 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path, *, base_name: str = "
             f"({_first_line(exc)})") from exc
     except (TypeError, KeyError, AttributeError) as exc:  # a config value of the wrong type reaches a layer
         raise AdapterMismatchError(
-            f"adapter {adapter_dir}: its {ADAPTER_CONFIG} does not describe an adapter peft can build on {base_name} "
+            f"{adapter_dir / ADAPTER_CONFIG} does not describe an adapter peft can build on {base_name} "
             f"({type(exc).__name__}: {_first_line(exc)})") from exc
     saved = {k: tuple(v.shape) for k, v in state.items()}
     problems = adapter_fit_problems(saved, {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()})
