@@ -134,6 +134,31 @@ def test_descendant_check_reads_the_chain():
                           adapter_record={"command": "unlearn", "chain": chain[1:]})
 
 
+def test_a_preparation_that_lacks_a_hash_or_has_a_tampered_record_is_refused():
+    """Checks fail closed: a record without the adapter / data hash a request has cannot be checked, so it is refused
+    (a request without a hash still skips that check); an unknown or disagreeing kind is refused on load."""
+    from mmerase.prepare import check_record
+
+    solver = SolverConfig(curvature="ggn", damping=0.1)
+    for part, lacking in (("adapter", {"adapter": {}, "data": {"sha256": "d" * 64}}),
+                          ("data", {"adapter": {"sha256": "a" * 64}, "data": {"sha256": None}})):
+        prep = Preparation(None, {"curvature": "ggn", "damping": 0.1, **lacking})  # type: ignore[arg-type]
+        with pytest.raises(PreparationError, match=f"lacks the {part} sha256.*prepare again"):
+            check_preparation(prep, adapter_sha256="a" * 64, data_sha256="d" * 64, solver=solver)
+        hashes = {"adapter_sha256": None} if part == "adapter" else {"data_sha256": None}
+        assert check_preparation(prep, **{"adapter_sha256": "a" * 64, "data_sha256": "d" * 64, **hashes},
+                                 solver=solver) == []
+    good = {"format": 1, "kind": "lowrank", "preconditioner": {"kind": "lowrank"}, "curvature": "ggn",
+            "damping": 0.1, "adapter": {"sha256": "a" * 64}, "data": {"sha256": "d" * 64}}
+    check_record(good)
+    for change, message in [({"kind": "x\x1b[31m"}, r"unknown preconditioner kind 'x\\x1b\[31m'"),
+                            ({"kind": "ekfac"}, "kind 'ekfac' and its preconditioner's kind 'lowrank' disagree"),
+                            ({"damping": float("nan")}, "'damping' must be a finite number"),
+                            ({"adapter": {"sha256": 5}}, "adapter sha256 5 is not a hex digest")]:
+        with pytest.raises(PreparationError, match=message):
+            check_record({**good, **change}, "rec.json")
+
+
 def _sequential_vs_combined(engine, e1, e2, cfg):
     """(‖θ_seq − θ_comb‖/‖δ_comb‖, linearity error): request 1, applied, then request 2 at the new adapter, against
     both edit sets solved at the first adapter."""
