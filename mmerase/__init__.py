@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from importlib.machinery import PathFinder
 from pathlib import Path
@@ -27,6 +28,12 @@ class _DropKnownNoise(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKnownNoise())
+
+# transformers ≥ 5.25 swaps RMSNorm, rotary and other forwards for "hub kernels" (the `kernels` package) unless
+# told not to: they are fetched from the hub at run time, compute in their own precision (a float64 sample's loss
+# then moves by ~1e-8 with its batch-mates, breaking exact checks) and need not support the double backward of
+# exact curvature products. mmerase runs transformers' own PyTorch code; set USE_HUB_KERNELS=YES to override.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 
 class _SourceTreeEval:
