@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from .methods import (MethodError, MethodResult, Meter, check_request, estimate 
                       retraining_passes, unlearn)
 from .models import LoadOptions, LoraSettings, load_model
 from .options import option
-from .fileio import shown
+from .fileio import FileFormatError, read_json, shown
 from .record import atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file, versions, write_json
 from .training import TrainConfig, finetune
 
@@ -144,12 +145,15 @@ def run_finetune(base: str, data: str | Path, out: str | Path, *, train: TrainCo
 def read_record(adapter: str | Path) -> dict[str, Any] | None:
     """The run record stored beside an adapter (None for adapters mmerase did not write)."""
     path = Path(adapter) / RECORD_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: unreadable run record: {e}") from None
+        record = read_json(path)
+    except FileFormatError as e:
+        raise DataError(f"unreadable run record {e}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: unreadable run record: expected a JSON object")
+    return record
 
 
 @dataclass

@@ -378,3 +378,17 @@ def test_prepare_refuses_data_that_is_not_the_adapters(trained, tmp_path, capsys
     refused(["prepare", "--base", trained["base"], "--adapter", trained["adapter"], "--data", other, "--out", out,
              "--curvature", "ggn", "--damping", "1", "--no-progress"], capsys, other, "--allow-other-data",
             inputs=(other, trained["adapter"]), out=out)
+
+
+@pytest.mark.parametrize("text, why", [("[" * 100_000 + "]" * 100_000, "nested"),
+                                       ('{"data": {}, "data": {}}', "twice")])
+def test_a_broken_run_record_beside_the_adapter_is_a_user_error(trained, tmp_path, capsys, text, why):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained["adapter"], adapter)
+    (adapter / "mmerase_record.json").write_text(text)
+    edits = write_jsonl(tmp_path / "e.jsonl", [{"op": "remove", "id": "q1"}])
+    args = unlearn_args(trained, edits, tmp_path / "o")
+    args[args.index("--adapter") + 1] = adapter
+    refused(args, capsys, adapter / "mmerase_record.json", why, inputs=(adapter,), out=tmp_path / "o")
