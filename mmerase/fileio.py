@@ -296,6 +296,7 @@ def _lock(path: Path) -> int:
 def _claim(out: Path, mine: Path) -> None:
     """Make ``mine`` the one partial output of ``out``: a sibling partial that is locked belongs to a live writer
     (:class:`OutputBusyError`); an unlocked one was left by a killed run and is removed."""
+    out, mine = out.absolute(), mine.absolute()  # mkstemp / mkdtemp return absolute paths, --out may be relative
     for other in out.parent.glob(f".{glob_escape(out.name)}{PARTIAL}*"):
         if other == mine:
             continue

@@ -392,3 +392,14 @@ def test_a_broken_run_record_beside_the_adapter_is_a_user_error(trained, tmp_pat
     args = unlearn_args(trained, edits, tmp_path / "o")
     args[args.index("--adapter") + 1] = adapter
     refused(args, capsys, adapter / "mmerase_record.json", why, inputs=(adapter,), out=tmp_path / "o")
+
+
+def test_relative_outputs_do_not_take_their_own_partial_for_another_writer(tmp_path, monkeypatch):
+    from mmerase.fileio import atomic_output_dir, write_json
+
+    monkeypatch.chdir(tmp_path)
+    with atomic_output_dir(Path("rel") / "o") as tmp:  # a relative --out, and files written inside it
+        write_json(tmp / "a.json", {"x": 1})
+        write_json(tmp / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "rel" / "o" / "a.json").read_text()) == {"x": 2}
+    assert partials(tmp_path) == []
