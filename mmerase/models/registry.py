@@ -7,6 +7,7 @@ from typing import Any
 
 from mmerase.fileio import shown
 from mmerase.models.base import ModelBundle
+from mmerase.models.gguf import GGUF_PRESETS, gguf_checkpoint, gguf_file_of, preset_gguf
 from mmerase.models.loading import LoadOptions, LoraSettings, ModelLoadError
 from mmerase.models.llava import LlavaBundle
 from mmerase.models.llava_next import LlavaNextBundle, LlavaOnevisionBundle
@@ -39,11 +40,15 @@ def family_for(config: Any) -> type[ModelBundle]:
 
 
 def resolve_base(name_or_path: str | Path, seed: int = 0) -> str:
-    """A preset name (built locally on first use), a local checkpoint folder or a hub id → what to load."""
+    """A preset name (built or converted locally on first use), a GGUF file (or a folder holding one, converted
+    once: :mod:`.gguf`), a local checkpoint folder or a hub id → what to load."""
     name = str(name_or_path)
     if name in PRESETS:
         return str(preset_path(name, seed=seed))
-    return name
+    if name in GGUF_PRESETS:
+        return str(gguf_checkpoint(preset_gguf(name)))
+    found = gguf_file_of(name)
+    return name if found is None else str(gguf_checkpoint(found))
 
 
 def load_model(base: str | Path, *, adapter: str | Path | None = None, lora: LoraSettings | None = None,
