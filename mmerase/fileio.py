@@ -145,6 +145,15 @@ def read_json(path: PathLike) -> Any:
         raise FileFormatError(f"{path}: {e}") from None
 
 
+def read_json_object(path: PathLike, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object (a run record, a config): :func:`read_json`'s errors, and a
+    :class:`FileFormatError` naming ``what`` and the file when it holds something else."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path}: {what}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
 def jsonl_lines(text: str) -> list[str]:
     r"""The lines of a JSON Lines text: split on ``"\n"`` only (a ``"\r\n"`` ending is fine too).
 
@@ -437,6 +446,6 @@ def write_jsonl(path: PathLike, rows: Iterable[Any]) -> None:
 
 
 __all__ = ["FileFormatError", "JSONContentError", "MAX_NESTING", "OutputExistsError", "check_nesting", "one_line",
-           "parse_json", "shown", "OutputBusyError", "OutputPathError", "check_output_path", "glob_escape", "atomic_output_dir", "atomic_output_file", "atomic_write_bytes",
+           "parse_json", "read_json_object", "shown", "OutputBusyError", "OutputPathError", "check_output_path", "glob_escape", "atomic_output_dir", "atomic_output_file", "atomic_write_bytes",
            "atomic_write_text", "dumps", "finite", "iter_jsonl", "jsonl_lines", "read_json", "read_json_or_jsonl",
            "read_text", "sha256_file", "write_json", "write_jsonl"]

@@ -28,7 +28,7 @@ from .methods import (MethodError, MethodResult, Meter, check_request, estimate 
                       retraining_passes, unlearn)
 from .models import LoadOptions, LoraSettings, load_model
 from .options import option
-from .fileio import FileFormatError, read_json, shown
+from .fileio import FileFormatError, read_json_object, shown
 from .record import atomic_output_dir, atomic_output_file, machine, sha256_dir, sha256_file, versions, write_json
 from .training import TrainConfig, finetune
 
@@ -150,12 +150,9 @@ def read_record(adapter: str | Path) -> dict[str, Any] | None:
     if not os.path.lexists(path):
         return None
     try:
-        record = read_json(path)
+        return read_json_object(path, "run record")
     except FileFormatError as e:
         raise DataError(f"unreadable run record {e}") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}: unreadable run record: expected a JSON object")
-    return record
 
 
 @dataclass

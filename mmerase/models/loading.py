@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmerase.fileio import FileFormatError, read_json, shown
+from mmerase.fileio import FileFormatError, read_json_object, shown
 from mmerase.models.exact import keep_norms_in_dtype, register_exact_attention, supports_exact_float64
 from mmerase.options import option
 
@@ -271,12 +271,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise AdapterMismatchError(f"{adapter_dir} is not a peft adapter folder (no {ADAPTER_CONFIG})")
     try:
-        config = read_json(path)
+        return read_json_object(path, "adapter config")
     except FileFormatError as exc:
         raise AdapterMismatchError(f"adapter config {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterMismatchError(f"adapter config {path}: expected a JSON object, found a {type(config).__name__}")
-    return config
 
 
 def check_peft_type(adapter_dir: str | Path, config: dict[str, Any]) -> str:
