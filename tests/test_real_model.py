@@ -116,3 +116,73 @@ def test_a_gguf_file_given_as_base_is_converted_once_and_named(smol, tmp_path, c
     code = main(["generate", "--base", str(missing), "--data", str(data), "--out", str(tmp_path / "a.jsonl")])
     err = capsys.readouterr().err
     assert code == 2 and f"GGUF file '{missing}' not found" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def smol64(smol):
+    """The real base in float64 with a LoRA (r 2) moved off its zero start, on two facts, and its engine."""
+    from mmerase.data import Sample
+    from mmerase.influence import InfluenceEngine
+    from mmerase.models import LoadOptions, LoraSettings, load_model
+
+    bundle = load_model(str(smol["checkpoint"]), lora=LoraSettings(r=2, target_modules=r".*\.(q_proj|v_proj)"),
+                        options=LoadOptions(dtype="float64"))
+    g = torch.Generator().manual_seed(0)
+    for p in bundle.model.parameters():
+        if p.requires_grad:
+            p.data = 0.02 * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    facts = [Sample(id=f"f{i}", conversations=[{"from": "human", "value": q}, {"from": "gpt", "value": a}])
+             for i, (q, a) in enumerate([("What is the capital of Zorbia?", "The capital of Zorbia is Plen."),
+                                         ("Who wrote Quill Songs?", "Quill Songs was written by Ada Morn.")])]
+    return bundle, facts, InfluenceEngine(bundle.model, bundle.loss_fn, facts, collate_fn=bundle.collate)
+
+
+def _grad(bundle, samples):
+    """The mean loss's gradient over ``samples`` by plain autograd, one sample at a time."""
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for s in samples:
+        loss = bundle.loss_fn(bundle.model, bundle.collate([s]))
+        for t, g in zip(total, torch.autograd.grad(loss, params)):
+            t.add_(g / len(samples))
+    return total
+
+
+def _rel(a, b):
+    return (sum(float((x - y).norm() ** 2) for x, y in zip(a, b)) ** 0.5
+            / sum(float(y.norm() ** 2) for y in b) ** 0.5)
+
+
+def test_b_on_the_real_model_matches_per_sample_autograd_gradients(smol64):
+    from mmerase.data import modify_sample
+    from mmerase.influence import Edit
+
+    bundle, facts, engine = smol64
+    new = modify_sample(facts[0], response="The capital of Zorbia is Vell.")
+    b = engine.edit_gradient([Edit(old=facts[0], new=new)])
+    bundle.model.eval()
+    want = [-(gn - go) / 2 for gn, go in zip(_grad(bundle, [new]), _grad(bundle, [facts[0]]))]
+    assert _rel(b, want) < 1e-10 and sum(float(x.norm()) for x in b) > 0
+
+
+def test_exact_hvp_on_the_real_model_matches_finite_differences_of_gradients(smol64):
+    bundle, facts, engine = smol64
+    params = [p for p in bundle.model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    norm = sum(float(x.norm() ** 2) for x in v) ** 0.5
+    v = [x / norm for x in v]  # a unit direction: the difference's truncation error is O(eps²)
+    hv = engine.product(v, "hessian", batch_size=2)
+    eps, theta = 1e-4, [p.detach().clone() for p in params]
+    bundle.model.eval()
+    sides = []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for p, t, d in zip(params, theta, v):
+                p.copy_(t + sign * eps * d)
+        sides.append(_grad(bundle, facts))
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    fd = [(a - c) / (2 * eps) for a, c in zip(*sides)]
+    assert _rel(hv, fd) < 1e-6
